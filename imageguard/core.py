@@ -1,0 +1,805 @@
+"""The sans-I/O core: every decision imageguard makes, and none of its I/O.
+
+Use :class:`Core` from an adapter. The adapter turns a WSGI environ or an ASGI
+scope into a :class:`Request`, asks :meth:`Core.decide`, and then either passes
+the request through, answers a cached :class:`Entry`, or fills: it calls the
+upstream app as :class:`FillPlan` says, reads at most ``max_bytes`` of its
+answer and hands status, headers and body to :meth:`Core.complete`. Every
+:class:`~imageguard.errors.Rejected` raised on the way is turned into a reply by
+:meth:`Core.reject`.
+
+Invariants (each has a test):
+
+* Only bytes produced by our own encoder (or sanitizer) are ever stored or
+  served with status 200 on a guarded path. Upstream bytes never pass through.
+* The cache key is an HMAC over the generation, the normalised path, the
+  canonical transform, the canonical source parameters (and the host when
+  ``IMAGEGUARD_KEY_HOSTS`` is set). Nothing else the client sends can select or
+  change an entry, because nothing else reaches the upstream: the fill request
+  carries no client header at all (:data:`FORWARDED_HEADERS` is empty), no body,
+  and only the keyed query parameters.
+* Every reply the core builds for an error carries ``Cache-Control: no-store``,
+  ``X-Content-Type-Options: nosniff`` and ``X-ImageGuard-Reason``.
+* A hit is a dictionary look-up: status line, headers, ETag and body of an
+  :class:`Entry` are computed once, when it is stored.
+
+This module imports no web framework and reads no environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timezone
+from email.utils import format_datetime, parsedate_to_datetime
+from http import HTTPStatus
+from typing import Final
+from urllib.parse import quote, unquote_plus, unquote_to_bytes
+
+from .cache.memory import MemoryCache
+from .config import Settings
+from .errors import BadRequest, InvalidImage, InvalidSignature, Rejected
+from .events import security_event
+from .raster import (
+    CONTENT_TYPES,
+    RasterLimits,
+    SanitizedImage,
+    Transform,
+    sanitize_raster,
+    sniff,
+)
+from .signing import URLSigner, canonical_form
+
+#: Query parameters that change the produced image; they must be signed.
+TRANSFORM_PARAMS: Final = ("w", "h", "fit", "q", "fmt")
+#: Every name imageguard itself owns in a query string.
+RESERVED_PARAMS: Final = frozenset((*TRANSFORM_PARAMS, "s", "e"))
+#: Path endings that make a path an image path (lower case): the image formats
+#: Pillow knows, plus SVG, HEIF and JPEG XL. Formats outside
+#: ``IMAGEGUARD_FORMATS`` are guarded too, so that they are refused (fail
+#: closed) instead of passed through. Documents and data (PDF, PostScript,
+#: MPEG, HDF5, FITS, GRIB, BUFR) are left to the app.
+IMAGE_EXTENSIONS: Final = frozenset(
+    [
+        "apng",
+        "avif",
+        "avifs",
+        "blp",
+        "bmp",
+        "bw",
+        "cur",
+        "dcx",
+        "dds",
+        "dib",
+        "emf",
+        "eps",
+        "flc",
+        "fli",
+        "ftc",
+        "ftu",
+        "gbr",
+        "gif",
+        "heic",
+        "heif",
+        "icb",
+        "icns",
+        "ico",
+        "iim",
+        "im",
+        "j2c",
+        "j2k",
+        "jfif",
+        "jp2",
+        "jpc",
+        "jpe",
+        "jpeg",
+        "jpf",
+        "jpg",
+        "jpx",
+        "jxl",
+        "mpo",
+        "msp",
+        "palm",
+        "pbm",
+        "pcd",
+        "pcx",
+        "pfm",
+        "pgm",
+        "pjp",
+        "pjpeg",
+        "png",
+        "pnm",
+        "ppm",
+        "psd",
+        "pxr",
+        "qoi",
+        "ras",
+        "rgb",
+        "rgba",
+        "sgi",
+        "svg",
+        "svgz",
+        "tga",
+        "tif",
+        "tiff",
+        "vda",
+        "vst",
+        "webp",
+        "wmf",
+        "xbm",
+        "xpm",
+    ]
+)
+#: Output formats a client may ask for with ``fmt``.
+OUTPUT_FORMATS: Final = frozenset(("jpeg", "png", "webp", "avif", "gif"))
+FITS: Final = frozenset(("contain", "cover", "fill"))
+#: Declared Content-Types and the format each one must sniff as.
+DECLARED_TYPES: Final = {
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/pjpeg": "jpeg",
+    "image/png": "png",
+    "image/apng": "png",
+    "image/gif": "gif",
+    "image/webp": "webp",
+    "image/avif": "avif",
+    "image/svg+xml": "svg",
+}
+#: Request headers forwarded to the upstream on a fill: none. Cookies,
+#: Authorization, Accept-Encoding, X-Forwarded-*, X-Original-URL, method
+#: overrides... any of them could make the upstream answer differently under a
+#: key that does not include them (web cache poisoning, or one user's private
+#: image served to everyone). Guarded paths must serve public images.
+FORWARDED_HEADERS: Final[frozenset[str]] = frozenset()
+#: Upstream response headers kept on a served image (besides what we compute).
+KEPT_UPSTREAM_HEADERS: Final = frozenset(("last-modified",))
+#: Sandboxing policy sent with every image (DESIGN §3); harmless on rasters.
+CONTENT_SECURITY_POLICY: Final = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+#: Verified requests remembered so a hit skips parsing and HMAC verification.
+ROUTE_MEMO_SIZE: Final = 4096
+#: Seconds a request waits for another thread's fill of the same key.
+FOLLOWER_TIMEOUT: Final = 120.0
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+_SIDE_RE: Final = re.compile(r"[1-9][0-9]{0,5}")
+_QUALITY_RE: Final = re.compile(r"100|[1-9][0-9]?")
+_SIGNATURE_RE: Final = re.compile(r"[A-Za-z0-9_\-]{16,128}")
+_EXPIRY_RE: Final = re.compile(r"[1-9][0-9]{0,11}")
+_PERCENT_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ENCODED_RE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
+# Encoded slash, backslash, NUL and percent (double encoding) change what the
+# path means to the next hop: refuse them rather than guess.
+_FORBIDDEN_ENCODED: Final = frozenset(("2f", "5c", "00", "25"))
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def status_line(status: int) -> str:
+    """``"404 Not Found"`` for 404 (WSGI form)."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the core needs to know of one request.
+
+    :param method: the HTTP method, upper case.
+    :param path: the decoded path (``SCRIPT_NAME + PATH_INFO``; ASGI ``root_path + path``).
+    :param query: the raw query string (still percent-encoded).
+    :param raw_path: the path as sent, percent-encoded, when the server tells it.
+    :param host: the ``Host`` header, if any.
+    :param if_none_match: the ``If-None-Match`` header, if any.
+    :param client: the client address, for logs.
+    """
+
+    method: str
+    path: str
+    query: str = ""
+    raw_path: str | None = None
+    host: str | None = None
+    if_none_match: str | None = None
+    client: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete response built by the core (errors and upstream non-200s)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+    @property
+    def status_line(self) -> str:
+        return status_line(self.status)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Entry:
+    """A sanitized image with everything a hit needs, computed once.
+
+    The adapters send :attr:`headers` and :attr:`body` as they are; nothing is
+    hashed, encoded or copied per hit.
+    """
+
+    key: str
+    body: bytes
+    content_type: str
+    etag: str
+    source_path: str
+    #: Headers of a 200 (GET and HEAD alike).
+    headers: Headers
+    #: Headers of a 304.
+    headers_304: Headers
+    created: float
+    #: The same headers, latin-1 encoded, as ASGI wants them.
+    raw_headers: list[tuple[bytes, bytes]] = field(repr=False)
+    raw_headers_304: list[tuple[bytes, bytes]] = field(repr=False)
+
+    def matches(self, if_none_match: str | None) -> bool:
+        """Whether ``If-None-Match`` names this entry (weak comparison, RFC 9110 §13.1.2)."""
+        if not if_none_match:
+            return False
+        if if_none_match.strip() == "*":
+            return True
+        for tag in if_none_match.split(","):
+            tag = tag.strip()
+            if tag.startswith("W/"):
+                tag = tag[2:]
+            if tag == self.etag:
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """Answer from the cache: 200 with the entry, or 304 when ``not_modified``."""
+
+    entry: Entry
+    not_modified: bool
+    head: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FillPlan:
+    """A miss: how to call the upstream and what to do with its answer.
+
+    :param key: the cache key (also the single-flight key).
+    :param path: the normalised path (the upstream is called on it).
+    :param upstream_query: the only query string the upstream sees.
+    :param upstream_host: the ``Host`` the upstream sees; ``None`` means the
+        server's own name (the client's ``Host`` is not keyed, so not forwarded).
+    :param transform: the verified transform.
+    :param head: the client asked with HEAD (the upstream is called with GET).
+    """
+
+    key: str
+    path: str
+    upstream_query: str
+    upstream_host: str | None
+    transform: Transform
+    head: bool
+    if_none_match: str | None
+    client: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """A verified request: what :meth:`Core.route` remembers."""
+
+    path: str
+    key: str
+    transform: Transform
+    upstream_query: str
+    host: str | None
+    expiry: int | None
+    generation: int
+
+
+class _Pass:
+    """Not ours: hand the request to the app untouched."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PASS"
+
+
+#: The decision for a request imageguard does not guard.
+PASS: Final = _Pass()
+
+Decision = _Pass | Hit | FillPlan
+Outcome = Entry | Reply
+
+
+def _header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def normalise_path(path: str, raw_path: str | None = None) -> str:
+    """Check the request path once; return it or raise :class:`BadRequest`.
+
+    Refused (DESIGN §3): ``..`` and ``.`` segments, empty segments (``//``),
+    segments ending in a dot (``x.png.`` is ``x.png`` to some file systems),
+    backslashes, NUL and control characters, encoded ``/``, ``\\``, NUL and
+    ``%`` (double encoding), encoded unreserved characters (``%2e``: a second
+    spelling of the same path) and malformed escapes.
+    """
+    if raw_path is not None:
+        if _PERCENT_RE.search(raw_path):
+            raise BadRequest("bad_path", "malformed percent-encoding in the path")
+        try:
+            unquote_to_bytes(raw_path).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest("bad_path", "the path is not UTF-8", original_error=exc) from exc
+        for code in _ENCODED_RE.findall(raw_path):
+            low = code.lower()
+            if low in _FORBIDDEN_ENCODED or chr(int(code, 16)) in _UNRESERVED:
+                raise BadRequest("bad_path", f"forbidden encoding %{code} in the path")
+    if not path.startswith("/"):
+        raise BadRequest("bad_path", "the path must start with /")
+    if any(ch < " " or ch == "\x7f" or ch == "\\" for ch in path):
+        raise BadRequest("bad_path", "control character or backslash in the path")
+    segments = path[1:].split("/")
+    for index, segment in enumerate(segments):
+        if segment == "":
+            if index == len(segments) - 1:
+                continue  # a trailing slash
+            raise BadRequest("bad_path", "empty path segment")
+        if segment.endswith("."):
+            raise BadRequest("bad_path", "dot segment or trailing dot in the path")
+    return path
+
+
+def parse_transform(params: dict[str, str], *, max_side: int) -> Transform:
+    """Validate the transform parameters (canonical spellings only) into a :class:`Transform`."""
+    w = h = q = None
+    if "w" in params:
+        w = _parse_int(params, "w", _SIDE_RE, 1, max_side)
+    if "h" in params:
+        h = _parse_int(params, "h", _SIDE_RE, 1, max_side)
+    if "q" in params:
+        q = _parse_int(params, "q", _QUALITY_RE, 1, 100)
+    fit = params.get("fit", "contain")
+    if fit not in FITS:
+        raise BadRequest("bad_param_value", "fit must be contain, cover or fill")
+    if "fit" in params and (w is None or h is None):
+        raise BadRequest("bad_param_value", "fit needs both w and h")
+    fmt = params.get("fmt")
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise BadRequest("bad_param_value", "fmt must be one of " + ", ".join(sorted(OUTPUT_FORMATS)))
+    return Transform(w=w, h=h, fit=fit, q=q, fmt=fmt)
+
+
+def _parse_int(params: dict[str, str], name: str, pattern: re.Pattern[str], low: int, high: int) -> int:
+    text = params[name]
+    if not pattern.fullmatch(text):
+        raise BadRequest("bad_param_value", f"{name} must be a canonical integer")
+    value = int(text)
+    if not low <= value <= high:
+        raise BadRequest("bad_param_value", f"{name} must be between {low} and {high}")
+    return value
+
+
+def canonical_transform(transform: Transform) -> str:
+    """One spelling per output: ``fit=contain`` and no ``fit`` key the same entry."""
+    return (
+        f"w={transform.w or ''}&h={transform.h or ''}&fit={transform.fit}"
+        f"&q={transform.q or ''}&fmt={transform.fmt or ''}"
+    )
+
+
+class Core:
+    """The decisions of one middleware instance.
+
+    :param settings: validated settings.
+    :param cache: the L1 tier; built from the settings when not given.
+    :param clock: wall clock in seconds (signature expiry), injectable for tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cache: MemoryCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.signer = URLSigner(settings.secret_key)
+        self.cache = cache if cache is not None else MemoryCache(settings.cache_bytes, settings.cache_ttl)
+        self.clock = clock
+        self.generation = 0
+        self._generation_lock = threading.Lock()
+        self.limits = RasterLimits(
+            max_pixels=settings.max_pixels,
+            max_side=settings.max_side,
+            max_frames=settings.max_frames,
+            formats=frozenset(settings.formats) & frozenset(CONTENT_TYPES) - {"svg"},
+        )
+        # Precomputed at start-up: the route check is a prefix test per request.
+        self._prefixes = tuple(settings.paths)
+        self._allowed_params = RESERVED_PARAMS | frozenset(settings.source_params)
+        self._key_hosts = frozenset(settings.key_hosts)
+        self._routes: dict[tuple[str, str | None, str, str | None], _Route] = {}
+        common: list[tuple[str, str]] = [
+            ("Cache-Control", settings.cache_control),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+        ]
+        if settings.cross_origin_resource_policy != "off":
+            common.append(("Cross-Origin-Resource-Policy", settings.cross_origin_resource_policy))
+        self._common_headers: Headers = tuple(common)
+
+    # -- routing -----------------------------------------------------------------
+
+    def is_guarded(self, path: str, query: str) -> bool:
+        """Step 1 of DESIGN §3: under a guarded prefix, and an image path or transform query."""
+        if not path.startswith(self._prefixes):
+            return False
+        # Trailing dots and spaces are dropped by some file systems and servers:
+        # "/a.png." must not escape the guard.
+        name = path.rstrip(". ")
+        dot = name.rfind(".")
+        if dot > name.rfind("/") and name[dot + 1 :].lower() in IMAGE_EXTENSIONS:
+            return True
+        if query:
+            for part in query.replace(";", "&").split("&"):
+                if part.partition("=")[0] in TRANSFORM_PARAMS:
+                    return True
+        return False
+
+    # -- request side ------------------------------------------------------------
+
+    def decide(self, request: Request) -> Decision:
+        """Route, normalise, parse, verify, key and look up one request.
+
+        :raises BadRequest: malformed path or query (400).
+        :raises InvalidSignature: missing, invalid or expired signature (403).
+        """
+        if not self.is_guarded(request.path, request.query):
+            return PASS
+        if request.method not in ("GET", "HEAD"):
+            return PASS
+        route = self.route(request)
+        head = request.method == "HEAD"
+        entry = self.cache.get(route.key)
+        if entry is not None:
+            return Hit(entry, entry.matches(request.if_none_match), head)
+        return FillPlan(
+            key=route.key,
+            path=route.path,
+            upstream_query=route.upstream_query,
+            upstream_host=route.host,
+            transform=route.transform,
+            head=head,
+            if_none_match=request.if_none_match,
+            client=request.client,
+        )
+
+    def route(self, request: Request) -> _Route:
+        """Steps 3 to 6 of DESIGN §3 for a guarded GET/HEAD: normalise, parse, verify, key.
+
+        The outcome for one exact (path, raw path, query, host) is remembered,
+        so a hit on a signed URL does not re-verify its signature; only the
+        expiry, which depends on the clock, is checked again. Only accepted
+        requests are remembered, and a purge of everything forgets them all.
+        """
+        memo_key = (request.path, request.raw_path, request.query, request.host)
+        route = self._routes.get(memo_key)
+        if route is not None and route.generation == self.generation:
+            if route.expiry is not None and route.expiry < self.clock():
+                raise InvalidSignature("expired_signature", "the signed URL has expired")
+            return route
+        path = normalise_path(request.path, request.raw_path)
+        params, source = self.parse_query(request.query)
+        transform = parse_transform(params, max_side=self.settings.max_side)
+        self.verify(path, params, source)
+        host = self._keyed_host(request.host)
+        upstream_query = "&".join(f"{k}={source[k]}" for k in sorted(source))
+        generation = self.generation
+        expiry = params.get("e")
+        route = _Route(
+            path=path,
+            key=self.key_for(path, transform, upstream_query, host, generation),
+            transform=transform,
+            upstream_query=upstream_query,
+            host=host,
+            expiry=int(expiry) if expiry is not None else None,
+            generation=generation,
+        )
+        if len(self._routes) >= ROUTE_MEMO_SIZE:
+            self._routes.clear()  # cheap, and bounded: an attacker gains nothing by filling it
+        self._routes[memo_key] = route
+        return route
+
+    def parse_query(self, query: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Split the query strictly into (imageguard params, source params).
+
+        Source parameter values are decoded and re-encoded in one canonical
+        spelling, which is what the upstream receives and what is keyed.
+
+        :raises BadRequest: ``;`` separators, empty or nameless parts, unknown
+            or duplicate names, encoded names, undecodable values.
+        """
+        params: dict[str, str] = {}
+        source: dict[str, str] = {}
+        if not query:
+            return params, source
+        if ";" in query:
+            raise BadRequest("bad_query", "';' is not a query separator here")
+        for part in query.split("&"):
+            name, sep, value = part.partition("=")
+            if not sep or not name:
+                raise BadRequest("bad_query", "every query part must be name=value")
+            if not _NAME_RE.fullmatch(name):
+                raise BadRequest("bad_query", "query parameter names must be plain ASCII")
+            if name not in self._allowed_params:
+                raise BadRequest("unknown_param", f"unknown query parameter {name!r}")
+            if name in params or name in source:
+                raise BadRequest("duplicate_param", f"duplicate query parameter {name!r}")
+            if name in RESERVED_PARAMS:
+                params[name] = value
+            else:
+                try:
+                    decoded = unquote_plus(value, errors="strict")
+                except UnicodeDecodeError as exc:
+                    raise BadRequest("bad_query", "undecodable query value", original_error=exc) from exc
+                source[name] = quote(decoded, safe="")
+        return params, source
+
+    def verify(self, path: str, params: dict[str, str], source: dict[str, str]) -> None:
+        """Check ``s`` and ``e`` per ``IMAGEGUARD_SIGNING`` (DESIGN §6).
+
+        :raises InvalidSignature: a signature is required and missing, does not
+            verify under any key, or has expired.
+        """
+        signature = params.get("s")
+        mode = self.settings.signing
+        if mode == "off":
+            return
+        required = mode == "always" or any(name in params for name in TRANSFORM_PARAMS)
+        if signature is None:
+            if required:
+                raise InvalidSignature("missing_signature", "this URL must be signed")
+            return
+        if not _SIGNATURE_RE.fullmatch(signature):
+            raise InvalidSignature("bad_signature", "malformed signature")
+        expiry = params.get("e")
+        if expiry is not None:
+            if not _EXPIRY_RE.fullmatch(expiry):
+                raise BadRequest("bad_param_value", "e must be a canonical integer (unix time)")
+        elif self.settings.signature_max_age is not None:
+            raise InvalidSignature("missing_expiry", "signed URLs must carry an expiry (e)")
+        signed = {k: v for k, v in params.items() if k != "s"}
+        signed.update(source)
+        if not self.signer.verify(canonical_form(path, signed), signature):
+            raise InvalidSignature("bad_signature", "the signature does not match")
+        if expiry is not None and int(expiry) < self.clock():
+            raise InvalidSignature("expired_signature", "the signed URL has expired")
+
+    def _keyed_host(self, host: str | None) -> str | None:
+        if not self._key_hosts:
+            return None
+        name = (host or "").strip().lower()
+        if name not in self._key_hosts:
+            raise BadRequest("host_not_allowed", "this Host is not served")
+        return name
+
+    def key_for(
+        self,
+        path: str,
+        transform: Transform,
+        upstream_query: str,
+        host: str | None,
+        generation: int | None = None,
+    ) -> str:
+        """The cache key: an HMAC over the canonical, verified request (DESIGN §3 step 6)."""
+        material = "\x1f".join(
+            (
+                str(self.generation if generation is None else generation),
+                host or "",
+                path,
+                canonical_transform(transform),
+                upstream_query,
+            )
+        )
+        return self.signer.cache_key(material)
+
+    def lookup(self, key: str) -> Entry | None:
+        """The cached entry for *key* (the adapters re-check once they lead a fill)."""
+        return self.cache.get(key)
+
+    def url(self, path: str, /, **params: object) -> str:
+        """A signed URL for *path* with transform and source parameters.
+
+        :param path: the decoded path, as the app routes it (``/static/cat.jpg``).
+        :param params: ``w``, ``h``, ``fit``, ``q``, ``fmt``, ``e`` and the names of
+            ``IMAGEGUARD_SOURCE_PARAMS``; ``None`` values are left out.
+        :raises ValueError: an unknown parameter or a value the middleware would refuse.
+        """
+        path = normalise_path(path)
+        given = {k: str(v) for k, v in params.items() if v is not None}
+        if self.settings.signature_max_age is not None and "e" not in given:
+            given["e"] = str(int(self.clock()) + self.settings.signature_max_age)
+        signed: dict[str, str] = {}
+        for name, value in given.items():
+            if name == "s" or name not in self._allowed_params:
+                raise ValueError(f"unknown image URL parameter {name!r}")
+            signed[name] = value if name in RESERVED_PARAMS else quote(value, safe="")
+        try:
+            parse_transform(signed, max_side=self.settings.max_side)
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from exc
+        canonical = canonical_form(path, signed)
+        quoted_path = quote(path, safe="/!$&'()*+,:=@")
+        query = "&".join(f"{k}={signed[k]}" for k in sorted(signed))
+        if self.settings.signing != "off" and (signed or self.settings.signing == "always"):
+            signature = self.signer.signature(canonical)
+            query = f"{query}&s={signature}" if query else f"s={signature}"
+        return f"{quoted_path}?{query}" if query else quoted_path
+
+    # -- response side -----------------------------------------------------------
+
+    def complete(
+        self,
+        plan: FillPlan,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+    ) -> Outcome:
+        """Judge the upstream's answer; sanitize, store and return it as an :class:`Entry`.
+
+        A non-200 answer is passed on as a :class:`Reply` with ``no-store``
+        forced (never cached). This does the CPU work: run it in a worker
+        thread under ASGI.
+
+        :raises InvalidImage: the body is not an allowed, valid image (502).
+        """
+        if status != 200:
+            return self._pass_on(status, headers, body)
+        if len(body) > self.settings.max_bytes:
+            raise InvalidImage("too_large", "the upstream body exceeds IMAGEGUARD_MAX_BYTES")
+        encoding = _header(headers, "content-encoding")
+        if encoding and encoding.strip().lower() != "identity":
+            raise InvalidImage("unsupported_encoding", "the upstream body is content-encoded")
+        declared = (_header(headers, "content-type") or "").partition(";")[0].strip().lower()
+        sniffed = sniff(body)
+        if sniffed is None:
+            raise InvalidImage("not_image", "the upstream body is not an image")
+        if sniffed not in self.settings.formats or (sniffed != "svg" and sniffed not in self.limits.formats):
+            raise InvalidImage("format_not_allowed", f"{sniffed} images are not allowed")
+        if DECLARED_TYPES.get(declared) != sniffed:
+            raise InvalidImage(
+                "type_mismatch", f"declared {declared or 'no type'} but the bytes are {sniffed}"
+            )
+        if sniffed == "svg":
+            # The SVG sanitizer is not part of this release: refuse (fail closed).
+            raise InvalidImage("svg_not_allowed", "SVG images are not served by this release")
+        image = sanitize_raster(body, self.limits, plan.transform)
+        entry = self.make_entry(plan.key, plan.path, image, headers)
+        self.cache.set(plan.key, entry)
+        return entry
+
+    def make_entry(
+        self,
+        key: str,
+        source_path: str,
+        image: SanitizedImage,
+        upstream_headers: Sequence[tuple[str, str]] = (),
+    ) -> Entry:
+        """Build an :class:`Entry`: every header of a hit, computed once."""
+        body = image.body
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        validators: list[tuple[str, str]] = [("ETag", etag)]
+        last_modified = _http_date(_header(upstream_headers, "last-modified"))
+        if last_modified:
+            validators.append(("Last-Modified", last_modified))
+        headers = (
+            ("Content-Type", image.content_type),
+            ("Content-Length", str(len(body))),
+            *validators,
+            *self._common_headers,
+            ("Accept-Ranges", "none"),
+        )
+        headers_304 = (*validators, *self._common_headers)
+        return Entry(
+            key=key,
+            body=body,
+            content_type=image.content_type,
+            etag=etag,
+            source_path=source_path,
+            headers=headers,
+            headers_304=headers_304,
+            created=self.clock(),
+            raw_headers=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            raw_headers_304=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers_304],
+        )
+
+    def _pass_on(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> Reply:
+        # Upstream errors and redirects are passed on but never cached
+        # (CPDoS, DESIGN §1), and never set cookies on a guarded path.
+        dropped = {"set-cookie", "cache-control", "content-length", "expires", "pragma"}
+        kept = tuple((k, v) for k, v in headers if k.lower() not in dropped)
+        out = (
+            *kept,
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+        )
+        return Reply(status, out, body)
+
+    def reject(self, error: Rejected, request: Request | None = None, *, key: str | None = None) -> Reply:
+        """Log a security event for *error* and build its reply (DESIGN §9)."""
+        security_event(
+            error.reason,
+            error.message,
+            status=error.status,
+            path=request.path if request else None,
+            client=request.client if request else None,
+            key=key[:12] if key else None,
+        )
+        return error_reply(error)
+
+    # -- purge ----------------------------------------------------------------
+
+    def purge(self, *, key: str | None = None, path: str | None = None) -> int:
+        """Drop one entry by *key*, or every variant of the source *path*."""
+        if (key is None) == (path is None):
+            raise TypeError("purge() takes exactly one of key= or path=")
+        if key is not None:
+            return int(self.cache.delete(key))
+        assert path is not None  # for mypy; checked above
+        return self.cache.delete_source(path)
+
+    def purge_all(self) -> None:
+        """Forget everything: bump the generation (old keys can never match) and clear L1."""
+        with self._generation_lock:
+            self.generation += 1
+        self._routes.clear()
+        self.cache.clear()
+
+    def stats(self) -> dict[str, object]:
+        """Cache counters per tier."""
+        return {"generation": self.generation, "l1": self.cache.stats()}
+
+
+def error_reply(error: Rejected) -> Reply:
+    """The response for a rejection: short text, ``no-store``, reason header.
+
+    Adapters send no body for HEAD, for this and every other :class:`Reply`.
+    """
+    body = f"{error.status} {HTTPStatus(error.status).phrase}: {error.reason}\n".encode()
+    headers: list[tuple[str, str]] = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-ImageGuard-Reason", error.reason),
+    ]
+    if error.retry_after is not None:
+        headers.append(("Retry-After", str(error.retry_after)))
+    return Reply(error.status, tuple(headers), body)
+
+
+def _http_date(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return format_datetime(moment.astimezone(timezone.utc), usegmt=True)

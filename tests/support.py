@@ -1,0 +1,135 @@
+"""Test helpers: image builders and a real Flask upstream that records what it sees."""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, request
+from PIL import Image
+
+#: A key long enough for the settings' minimum.
+SECRET = "test-secret-key-0123456789abcdef"
+OLD_SECRET = "old-secret-key-0123456789abcdef"
+
+
+def png(width: int = 64, height: int = 48, mode: str = "RGB", colour: Any = (200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def jpeg(width: int = 64, height: int = 48, **save: Any) -> bytes:
+    out = io.BytesIO()
+    image = Image.new("RGB", (width, height), (30, 120, 200))
+    for x in range(0, width, 4):
+        image.putpixel((x, x % height), (255, 255, 0))
+    image.save(out, "JPEG", quality=90, **save)
+    return out.getvalue()
+
+
+def gif(width: int = 32, height: int = 32, frames: int = 1) -> bytes:
+    """A GIF of *frames* frames that really differ (Pillow merges identical ones)."""
+    out = io.BytesIO()
+    images = [Image.new("L", (width, height), (i % 2) * 255) for i in range(frames)]
+    images[0].save(out, "GIF", save_all=frames > 1, append_images=images[1:], duration=50, loop=0)
+    return out.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG whose header claims width x height but whose data is a few KB (never decode it)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 4096, 9)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def reopen(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@dataclass
+class Upstream:
+    """A real Flask app that serves in-memory files and records every request it gets."""
+
+    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    delay: threading.Event | None = None
+    slow: dict[str, float] = field(default_factory=dict)
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str, body: bytes, content_type: str) -> str:
+        self.files[name] = (body, content_type)
+        return "/static/" + name
+
+    def calls_to(self, path: str) -> int:
+        return sum(1 for call in self.calls if call["path"] == path)
+
+    def app(self) -> Flask:
+        app = Flask("upstream", static_folder=None)
+        app.config["TESTING"] = True
+
+        @app.route("/static/<path:name>")
+        def static_file(name: str) -> Response:
+            with self.lock:
+                self.calls.append(
+                    {
+                        "path": request.path,
+                        "query": request.query_string.decode(),
+                        "method": request.method,
+                        "headers": dict(request.headers),
+                        "body": request.get_data(),
+                        "host": request.host,
+                    }
+                )
+            if self.delay is not None:
+                self.delay.wait(10)
+            if name in self.slow:
+                time.sleep(self.slow[name])
+            if name not in self.files:
+                return Response("no such image", status=404, content_type="text/plain")
+            body, content_type = self.files[name]
+            # Reflect unkeyed inputs the way vulnerable apps do: if any of them
+            # reached us, the served bytes would differ.
+            reflected = request.headers.get("X-Forwarded-Host", "") + request.headers.get(
+                "X-Original-URL", ""
+            )
+            if reflected and content_type.startswith("image/"):
+                body = body + reflected.encode()
+            response = Response(body, content_type=content_type)
+            response.headers["Set-Cookie"] = "session=upstream-secret; Path=/"
+            response.headers["X-Upstream-Secret"] = "leak"
+            for name_, value in self.extra_headers.items():
+                response.headers[name_] = value
+            return response
+
+        @app.route("/_calls")
+        def calls() -> Response:
+            return Response(str(len(self.calls)), content_type="text/plain")
+
+        @app.route("/raise.png")
+        def raise_png() -> Response:
+            raise RuntimeError("the app failed")
+
+        @app.route("/page")
+        def page() -> Response:
+            response = Response("<h1>hello</h1>", content_type="text/html; charset=utf-8")
+            response.set_cookie("page", "1")
+            return response
+
+        @app.route("/api/data.json", methods=["GET", "POST"])
+        def data() -> Response:
+            return Response('{"ok": true}', content_type="application/json")
+
+        return app
