@@ -599,9 +599,7 @@ def _redact_url(url: str) -> str:
         query = parts.query
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(name.lower() == "password" for name, _ in pairs):
-            query = urlencode(
-                [(n, "***" if n.lower() == "password" else v) for n, v in pairs], safe="*"
-            )
+            query = urlencode([(n, "***" if n.lower() == "password" else v) for n, v in pairs], safe="*")
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         return _REDACTED

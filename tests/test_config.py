@@ -122,9 +122,7 @@ PARSED: list[Any] = [
     pytest.param("MAX_SVG_BYTES", "512 KiB", 512 * 1024, id="max_svg_bytes"),
     pytest.param("SVG_MAX_NODES", "500", 500, id="svg_max_nodes"),
     *[
-        pytest.param(
-            "NEGOTIATE", text, text.lower() in {"true", "1", "yes", "on"}, id=f"bool-{text}"
-        )
+        pytest.param("NEGOTIATE", text, text.lower() in {"true", "1", "yes", "on"}, id=f"bool-{text}")
         for text in ["true", "TRUE", "1", "yes", "on", "false", "0", "No", "off"]
     ],
     pytest.param("CACHE_BYTES", "0", 0, id="cache_bytes-disabled"),
@@ -135,16 +133,10 @@ PARSED: list[Any] = [
     pytest.param("DISK_CACHE_DIR", "off", None, id="disk-off"),
     pytest.param("DISK_CACHE_BYTES", "10GB", 10 * 10**9, id="disk_cache_bytes"),
     pytest.param("REDIS_URL", "redis://localhost:6379/0", "redis://localhost:6379/0", id="redis"),
-    pytest.param(
-        "REDIS_URL", "rediss://u:pw@r.example:6380", "rediss://u:pw@r.example:6380", id="rediss"
-    ),
-    pytest.param(
-        "REDIS_URL", "unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1", id="unix"
-    ),
+    pytest.param("REDIS_URL", "rediss://u:pw@r.example:6380", "rediss://u:pw@r.example:6380", id="rediss"),
+    pytest.param("REDIS_URL", "unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1", id="unix"),
     pytest.param("REDIS_URL", "off", None, id="redis-off"),
-    pytest.param(
-        "CACHE_CONTROL", "public, max-age=60, immutable", "public, max-age=60, immutable", id="cc"
-    ),
+    pytest.param("CACHE_CONTROL", "public, max-age=60, immutable", "public, max-age=60, immutable", id="cc"),
     pytest.param("MISS_RATE", "10 per second", "10 per second", id="miss_rate-per"),
     pytest.param("MISS_RATE", "100/2 hours", "100/2 hours", id="miss_rate-multiple"),
     pytest.param("MISS_RATE", "5/day;100/month", "5/day;100/month", id="miss_rate-many"),
@@ -199,9 +191,7 @@ def test_typed_arguments_are_normalised(name: str, value: Any, expected: object)
 OVERRIDES: list[Any] = [
     pytest.param(env(MAX_BYTES="1MiB"), {"max_bytes": "2MiB"}, "max_bytes", 2 * MiB, id="string"),
     pytest.param(env(NEGOTIATE="yes"), {"negotiate": False}, "negotiate", False, id="typed"),
-    pytest.param(
-        env(REDIS_URL="redis://r:6379"), {"redis_url": None}, "redis_url", None, id="none"
-    ),
+    pytest.param(env(REDIS_URL="redis://r:6379"), {"redis_url": None}, "redis_url", None, id="none"),
     pytest.param(env(MAX_SIDE="bogus"), {"max_side": 10}, "max_side", 10, id="bad-env-unused"),
     pytest.param(env(SECRET_KEY=OLD_KEY), {"secret_key": KEY}, "secret_key", (KEY,), id="key"),
 ]
@@ -247,9 +237,7 @@ def test_unknown_imageguard_variable_raises() -> None:
 
 
 def test_variables_without_the_prefix_are_ignored() -> None:
-    settings = Settings.from_env(
-        {"PATH": "/usr/bin", "imageguard_paths": "x", "IMAGEGUARDPATHS": "x"}
-    )
+    settings = Settings.from_env({"PATH": "/usr/bin", "imageguard_paths": "x", "IMAGEGUARDPATHS": "x"})
     assert settings.paths == ("/",)
 
 
@@ -484,9 +472,7 @@ REDIS_REDACTION: list[Any] = [
     pytest.param("redis://:hunter2@r:6379/0", "redis://:***@r:6379/0", id="password"),
     pytest.param("rediss://user:hunter2@r:6380", "rediss://user:***@r:6380", id="user-password"),
     pytest.param("redis://:p@ss:hunter2@r", "redis://:***@r", id="at-in-password"),
-    pytest.param(
-        "redis://r:6379/0?password=hunter2&db=1", "redis://r:6379/0?password=***&db=1", id="query"
-    ),
+    pytest.param("redis://r:6379/0?password=hunter2&db=1", "redis://r:6379/0?password=***&db=1", id="query"),
     pytest.param("unix://:hunter2@/run/redis.sock", "unix://:***@/run/redis.sock", id="unix"),
     pytest.param("redis://user@r:6379", "redis://user@r:6379", id="no-password"),
 ]
@@ -575,16 +561,12 @@ ROUND_TRIP: list[Any] = [
 def test_redacted_values_read_back_give_the_same_settings(arguments: dict[str, Any]) -> None:
     settings = Settings(secret_key=KEY, **arguments)
     environ = {
-        VARIABLES[name]: str(value)
-        for name, value in settings.redacted().items()
-        if name != "secret_key"
+        VARIABLES[name]: str(value) for name, value in settings.redacted().items() if name != "secret_key"
     }
     assert Settings.from_env(environ, secret_key=KEY) == settings
 
 
-@pytest.mark.parametrize(
-    "rate", ["120/minute", "10 per second", "100/2 hours", "5/day;100/month", "1/Years"]
-)
+@pytest.mark.parametrize("rate", ["120/minute", "10 per second", "100/2 hours", "5/day;100/month", "1/Years"])
 def test_accepted_rates_parse_with_limits(rate: str) -> None:
     limits_util = pytest.importorskip("limits.util")
     assert limits_util.parse_many(Settings(miss_rate=rate).miss_rate)
