@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import PIL  # noqa: E402
+import PIL
 
-from benchmarks import bench_hit, bench_raster  # noqa: E402
+from benchmarks import bench_hit, bench_raster
 
 
 def main() -> int:
