@@ -33,7 +33,7 @@ _STATUS_200 = "200 OK"
 _STATUS_304 = "304 Not Modified"
 # Per-request headers of the client that a fill must not see (every HTTP_*),
 # and the body: a fill is a bare GET.
-_DROPPED_ENVIRON = frozenset(("CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"))
+_DROPPED_ENVIRON = frozenset(("CONTENT_TYPE", "CONTENT_LENGTH", "REMOTE_USER", "AUTH_TYPE"))
 
 
 class ImageGuard:
@@ -267,11 +267,19 @@ def _decode_path(request: Request) -> Request:
 
 
 def _upstream_environ(environ: Mapping[str, Any], plan: FillPlan) -> dict[str, Any]:
-    """The environ of the fill: a bare GET of the path and keyed query, no client header."""
+    """The environ of the fill: a bare GET of the path and keyed query, no client header.
+
+    Kept: the server's CGI variables and ``wsgi.*``. Dropped: every ``HTTP_*``
+    header, the body, ``REMOTE_USER``/``AUTH_TYPE`` (per-user, not keyed), and
+    side data that outer middleware derived from the client's request
+    (``werkzeug.request``, ``werkzeug.proxy_fix.orig``, ...).
+    """
     upstream = {
         key: value
         for key, value in environ.items()
-        if not key.startswith("HTTP_") and key not in _DROPPED_ENVIRON
+        if (key.startswith("wsgi.") or "." not in key)
+        and not key.startswith("HTTP_")
+        and key not in _DROPPED_ENVIRON
     }
     upstream["REQUEST_METHOD"] = "GET"
     upstream["QUERY_STRING"] = plan.upstream_query

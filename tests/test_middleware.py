@@ -818,3 +818,31 @@ def test_other_pillow_plugins_never_run(tmp_path: Path) -> None:
     for plugin in ("Tiff", "Eps", "Psd", "Ico"):
         assert f"PIL.{plugin}ImagePlugin" not in report["plugins"], report["plugins"]
     assert report["opened"] == []  # BMP's plugin is imported by Pillow itself, but never ran
+
+
+def test_outer_middleware_side_data_never_reaches_the_fill(upstream: Upstream) -> None:
+    # An outer layer (auth, ProxyFix) leaves per-client data in the environ; the
+    # fill must not carry it, or it could change an entry that does not key it.
+    seen: list[dict[str, Any]] = []
+    body = png(8, 8)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(dict(environ))
+        start_response("200 OK", [("Content-Type", "image/png")])
+        return [body]
+
+    guard = ImageGuard(app, settings=Settings(secret_key=SECRET))
+
+    def outer(environ: dict[str, Any], start_response: Any) -> Any:
+        environ["REMOTE_USER"] = "alice"
+        environ["werkzeug.proxy_fix.orig"] = {"HTTP_X_FORWARDED_HOST": "evil"}
+        environ["myauth.user"] = "alice"
+        return guard(environ, start_response)
+
+    from werkzeug.test import Client
+
+    assert Client(outer).get("/a.png").status_code == 200
+    (environ,) = seen
+    assert "REMOTE_USER" not in environ and "myauth.user" not in environ
+    assert "werkzeug.proxy_fix.orig" not in environ
+    assert environ["REQUEST_METHOD"] == "GET" and environ["wsgi.url_scheme"] == "http"
