@@ -11,8 +11,17 @@ from .config import Settings as Settings
 from .errors import ConfigError as ConfigError
 from .errors import ImageGuardError as ImageGuardError
 from .errors import Rejected as Rejected
+from .asgi import ImageGuardMiddleware as ImageGuardMiddleware
 from .wsgi import ImageGuard as ImageGuard
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ConfigError", "ImageGuard", "ImageGuardError", "Rejected", "Settings", "__version__"]
+__all__ = [
+    "ConfigError",
+    "ImageGuard",
+    "ImageGuardError",
+    "ImageGuardMiddleware",
+    "Rejected",
+    "Settings",
+    "__version__",
+]

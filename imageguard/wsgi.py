@@ -22,6 +22,7 @@ from .config import VARIABLES, Settings
 from .core import FOLLOWER_TIMEOUT, PASS, Core, Entry, FillPlan, Hit, Outcome, Reply, Request
 from .errors import BadRequest, ConfigError, InvalidImage, Rejected
 from .events import logger
+from .facade import GuardFacade, warn_about
 from .flight import ThreadFlights, ThreadGate
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ _STATUS_304 = "304 Not Modified"
 _DROPPED_ENVIRON = frozenset(("CONTENT_TYPE", "CONTENT_LENGTH", "REMOTE_USER", "AUTH_TYPE"))
 
 
-class ImageGuard:
+class ImageGuard(GuardFacade):
     """WSGI middleware that guards the images an app serves.
 
     :param app: a WSGI callable, or a Flask app (then ``app.wsgi_app`` is wrapped
@@ -83,30 +84,7 @@ class ImageGuard:
         self.core = Core(settings)
         self._flights: ThreadFlights[Outcome] = ThreadFlights()
         self._gate = ThreadGate(settings.workers, settings.queue)
-        _warn_about(settings)
-
-    # -- public helpers ----------------------------------------------------------
-
-    def url(self, path: str, /, **params: object) -> str:
-        """A signed URL for *path* (``guard.url("/static/cat.jpg", w=320, fmt="webp")``)."""
-        return self._core().url(path, **params)
-
-    def purge(self, *, key: str | None = None, path: str | None = None) -> int:
-        """Drop one entry (*key*) or every variant of a source (*path*)."""
-        return self._core().purge(key=key, path=path)
-
-    def purge_all(self) -> None:
-        """Drop everything."""
-        self._core().purge_all()
-
-    def stats(self) -> dict[str, object]:
-        """Cache counters per tier."""
-        return self._core().stats()
-
-    def _core(self) -> Core:
-        if self.core is None:
-            raise RuntimeError("ImageGuard has no app yet: call init_app(app) first")
-        return self.core
+        warn_about(settings)
 
     # -- WSGI ------------------------------------------------------------------
 
@@ -304,23 +282,6 @@ def _upstream_environ(environ: Mapping[str, Any], plan: FillPlan) -> dict[str, A
 
 def _is_flask(app: Any) -> bool:
     return hasattr(app, "wsgi_app") and hasattr(app, "add_template_global")
-
-
-_warned: set[str] = set()
-
-
-def _warn_about(settings: Settings) -> None:
-    if getattr(settings, "ephemeral_key", False) and "ephemeral" not in _warned:
-        _warned.add("ephemeral")
-        logger.warning(
-            "IMAGEGUARD_SECRET_KEY is not set: using an ephemeral key. Signed URLs will not "
-            "survive a restart or work across processes; run `imageguard keygen`."
-        )
-    if settings.signing == "off":
-        logger.warning(
-            "IMAGEGUARD_SIGNING=off: transform parameters are not signed, so clients can "
-            "make the cache hold any number of variants."
-        )
 
 
 logging.getLogger("imageguard").addHandler(logging.NullHandler())

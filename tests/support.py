@@ -133,3 +133,66 @@ class Upstream:
             return Response('{"ok": true}', content_type="application/json")
 
         return app
+
+
+def starlette_app(upstream: Upstream) -> Any:
+    """The same upstream as :meth:`Upstream.app`, as a real Starlette app."""
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.requests import Request as StarletteRequest
+    from starlette.responses import PlainTextResponse, Response as StarletteResponse
+    from starlette.routing import Route
+
+    async def static_file(request: StarletteRequest) -> StarletteResponse:
+        name = request.path_params["name"]
+        with upstream.lock:
+            upstream.calls.append(
+                {
+                    "path": request.url.path,
+                    "query": request.scope["query_string"].decode(),
+                    "method": request.method,
+                    "headers": dict(request.headers),
+                    "body": await request.body(),
+                    "host": request.headers.get("host", ""),
+                }
+            )
+        if upstream.delay is not None:
+            await anyio.to_thread.run_sync(upstream.delay.wait, 10)
+        if name in upstream.slow:
+            await anyio.sleep(upstream.slow[name])
+        if name not in upstream.files:
+            return PlainTextResponse("no such image", status_code=404)
+        body, content_type = upstream.files[name]
+        reflected = request.headers.get("x-forwarded-host", "") + request.headers.get("x-original-url", "")
+        if reflected and content_type.startswith("image/"):
+            body = body + reflected.encode()
+        response = StarletteResponse(body, media_type=content_type)
+        response.headers["Set-Cookie"] = "session=upstream-secret; Path=/"
+        response.headers["X-Upstream-Secret"] = "leak"
+        for name_, value in upstream.extra_headers.items():
+            response.headers[name_] = value
+        return response
+
+    async def calls(request: StarletteRequest) -> StarletteResponse:
+        return PlainTextResponse(str(len(upstream.calls)))
+
+    async def raise_png(request: StarletteRequest) -> StarletteResponse:
+        raise RuntimeError("the app failed")
+
+    async def page(request: StarletteRequest) -> StarletteResponse:
+        response = StarletteResponse("<h1>hello</h1>", media_type="text/html")
+        response.set_cookie("page", "1")
+        return response
+
+    async def data(request: StarletteRequest) -> StarletteResponse:
+        return StarletteResponse('{"ok": true}', media_type="application/json")
+
+    return Starlette(
+        routes=[
+            Route("/static/{name:path}", static_file),
+            Route("/_calls", calls),
+            Route("/raise.png", raise_png),
+            Route("/page", page),
+            Route("/api/data.json", data, methods=["GET", "POST"]),
+        ]
+    )

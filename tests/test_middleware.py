@@ -2,7 +2,7 @@
 
 One suite for every adapter: each test takes ``make_client`` and runs once per
 adapter in ``ADAPTERS`` (the ASGI adapter joins with its own driver), so the
-adapters cannot drift. Upstreams are real Flask apps; assertions are on the
+adapters cannot drift. Upstreams are real Flask and Starlette apps; assertions are on the
 status, headers and bytes the client gets, re-parsed with Pillow.
 """
 
@@ -12,6 +12,7 @@ import io
 import mimetypes
 import threading
 import zipfile
+from urllib.parse import unquote
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,8 @@ import pytest
 from flask import Flask, render_template_string
 from PIL import Image
 
-from imageguard import ImageGuard, Settings
-from tests.support import OLD_SECRET, SECRET, Upstream, gif, jpeg, png, png_bomb, reopen
+from imageguard import ImageGuard, ImageGuardMiddleware, Settings
+from tests.support import OLD_SECRET, SECRET, Upstream, gif, jpeg, png, png_bomb, reopen, starlette_app
 
 # -- drivers -----------------------------------------------------------------------
 
@@ -68,19 +69,112 @@ class WSGIDriver:
         return self.guard.url(path, **params)
 
 
-ADAPTERS: dict[str, type[WSGIDriver]] = {"wsgi": WSGIDriver}
-MakeClient = Callable[..., WSGIDriver]
+class ASGIDriver:
+    """Drives a Starlette app with ``add_middleware(ImageGuardMiddleware)`` by calling it
+    with hand-built ASGI scopes on one event loop (a blocking portal), so raw paths
+    arrive exactly as written and many threads can share the loop."""
+
+    name = "asgi"
+
+    def __init__(self, upstream: Upstream, settings: Settings) -> None:
+        from anyio.from_thread import start_blocking_portal
+
+        self.upstream = upstream
+        self.app = starlette_app(upstream)
+        self.app.add_middleware(ImageGuardMiddleware, settings=settings)
+        self.guard = ImageGuardMiddleware.from_app(self.app)
+        self._portal_cm = start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+
+    def close(self) -> None:
+        self.guard.close()
+        self._portal_cm.__exit__(None, None, None)
+
+    def request(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+    ) -> Result:
+        return self.portal.call(call_asgi, self.app, url, method, headers or {}, data or b"")
+
+    def get(self, url: str, **kwargs: Any) -> Result:
+        return self.request(url, **kwargs)
+
+    def url(self, path: str, **params: Any) -> str:
+        return self.guard.url(path, **params)
+
+
+async def call_asgi(
+    app: Any, url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes = b""
+) -> Result:
+    """One request through an ASGI app, with the scope built the way uvicorn builds it."""
+    import anyio
+    import httpx
+
+    raw_path, _, query = url.partition("?")
+    header_list = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    if not any(name == b"host" for name, _ in header_list):
+        header_list.insert(0, (b"host", b"testserver"))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": unquote(raw_path),
+        "raw_path": raw_path.encode("utf-8"),
+        "query_string": query.encode("latin-1"),
+        "root_path": "",
+        "headers": header_list,
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    sent = False
+    done = anyio.Event()
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.set()
+
+    await app(scope, receive, send)
+    start = messages[0]
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in start["headers"]]
+    return Result(start["status"], httpx.Headers(decoded), body)
+
+
+ADAPTERS: dict[str, Any] = {"wsgi": WSGIDriver, "asgi": ASGIDriver}
+MakeClient = Callable[..., Any]
 
 
 @pytest.fixture(params=sorted(ADAPTERS))
-def make_client(request: pytest.FixtureRequest) -> MakeClient:
+def make_client(request: pytest.FixtureRequest) -> Iterator[MakeClient]:
     driver = ADAPTERS[request.param]
+    made: list[Any] = []
 
-    def make(upstream: Upstream, **overrides: Any) -> WSGIDriver:
+    def make(upstream: Upstream, **overrides: Any) -> Any:
         overrides.setdefault("secret_key", SECRET)
-        return driver(upstream, Settings(**overrides))
+        client = driver(upstream, Settings(**overrides))
+        made.append(client)
+        return client
 
-    return make
+    yield make
+    for client in made:
+        if hasattr(client, "close"):
+            client.close()
 
 
 @pytest.fixture

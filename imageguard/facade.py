@@ -1,0 +1,57 @@
+"""What both adapters offer the application: signed URLs, purges, stats, start-up warnings."""
+
+from __future__ import annotations
+
+from .config import Settings
+from .core import Core
+from .events import logger
+
+
+class GuardFacade:
+    """The public helpers of :class:`~imageguard.ImageGuard` and
+    :class:`~imageguard.ImageGuardMiddleware`; they delegate to the core."""
+
+    core: Core | None
+
+    def _core(self) -> Core:
+        if self.core is None:
+            raise RuntimeError("imageguard has no app yet: call init_app(app) first")
+        return self.core
+
+    def url(self, path: str, /, **params: object) -> str:
+        """A signed URL for *path*: ``guard.url("/static/cat.jpg", w=320, fmt="webp")``.
+
+        :raises ValueError: a parameter the middleware would refuse.
+        """
+        return self._core().url(path, **params)
+
+    def purge(self, *, key: str | None = None, path: str | None = None) -> int:
+        """Drop one entry (*key*) or every variant of a source (*path*); how many went."""
+        return self._core().purge(key=key, path=path)
+
+    def purge_all(self) -> None:
+        """Drop everything: no entry cached before the call can be served after it."""
+        self._core().purge_all()
+
+    def stats(self) -> dict[str, object]:
+        """Cache counters per tier."""
+        return self._core().stats()
+
+
+_warned: set[str] = set()
+
+
+def warn_about(settings: Settings) -> None:
+    """Start-up warnings for settings that weaken the guarantees (once per process)."""
+    if settings.ephemeral_key and "ephemeral" not in _warned:
+        _warned.add("ephemeral")
+        logger.warning(
+            "IMAGEGUARD_SECRET_KEY is not set: using an ephemeral key. Signed URLs will not "
+            "survive a restart or work across processes; run `imageguard keygen`."
+        )
+    if settings.signing == "off" and "signing-off" not in _warned:
+        _warned.add("signing-off")
+        logger.warning(
+            "IMAGEGUARD_SIGNING=off: transform parameters are not signed, so clients can "
+            "make the cache hold any number of variants."
+        )
