@@ -7,11 +7,11 @@ server can mint. See README.md for set-up and DESIGN.md for the contract.
 
 from __future__ import annotations
 
+from .asgi import ImageGuardMiddleware as ImageGuardMiddleware
 from .config import Settings as Settings
 from .errors import ConfigError as ConfigError
 from .errors import ImageGuardError as ImageGuardError
 from .errors import Rejected as Rejected
-from .asgi import ImageGuardMiddleware as ImageGuardMiddleware
 from .wsgi import ImageGuard as ImageGuard
 
 __version__ = "0.1.0.dev0"

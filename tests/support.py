@@ -140,7 +140,8 @@ def starlette_app(upstream: Upstream) -> Any:
     import anyio
     from starlette.applications import Starlette
     from starlette.requests import Request as StarletteRequest
-    from starlette.responses import PlainTextResponse, Response as StarletteResponse
+    from starlette.responses import PlainTextResponse
+    from starlette.responses import Response as StarletteResponse
     from starlette.routing import Route
 
     async def static_file(request: StarletteRequest) -> StarletteResponse:

@@ -12,11 +12,11 @@ import io
 import mimetypes
 import threading
 import zipfile
-from urllib.parse import unquote
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from flask import Flask, render_template_string
