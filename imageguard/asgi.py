@@ -223,15 +223,22 @@ class ImageGuardMiddleware(GuardFacade):
                 if not message.get("more_body", False):
                     finished.set()
 
+        failure: Rejected | None = None
         try:
             await self.app(_upstream_scope(scope, plan), receive, send)
-        except Rejected:
-            raise
-        except Exception as exc:
+        except Rejected as error:
+            failure = error
+        except Exception:
             logger.exception("upstream app raised while filling %s", plan.path)
-            raise InvalidImage("upstream_error", "the upstream app failed", original_error=exc) from exc
+            failure = InvalidImage("upstream_error", "the upstream app failed")
         finally:
             finished.set()
+        if failure is not None:
+            # Raised without the app's frames: nothing keeps its body iterator
+            # alive, so a StreamingResponse generator is finalised (closed) now,
+            # not whenever the last reference to this exception goes.
+            failure.__traceback__ = failure.__context__ = failure.__cause__ = None
+            raise failure
         if not started:
             raise InvalidImage("upstream_error", "the upstream app sent no response")
         status, headers = started[-1]

@@ -71,3 +71,18 @@ def gunicorn(app: str, port: int, threads: int = 40) -> list[str]:
         "60",
         app,
     ]
+
+
+def uvicorn(app: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        app,
+    ]
