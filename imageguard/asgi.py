@@ -64,6 +64,7 @@ class ImageGuardMiddleware(GuardFacade):
         self._fills: dict[str, asyncio.Task[Outcome]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._inflight = 0  # sanitizations running or waiting for a worker
+        self._registered = False
         warn_about(self.settings)
 
     @classmethod
@@ -102,10 +103,8 @@ class ImageGuardMiddleware(GuardFacade):
         if not core.is_guarded(path, query):
             await self.app(scope, receive, send)
             return
-        owner = scope.get("app")
-        if owner is not None and getattr(getattr(owner, "state", None), "imageguard", None) is None:
-            with contextlib.suppress(AttributeError):
-                owner.state.imageguard = self
+        if not self._registered:
+            self._register(scope)
         headers = _request_headers(scope)
         client = scope.get("client")
         request = Request(
@@ -119,7 +118,7 @@ class ImageGuardMiddleware(GuardFacade):
         )
         key = None
         try:
-            decision = core.decide(request)
+            decision = core.decide(request, guarded=True)
             if decision is PASS:
                 await self.app(scope, receive, send)
                 return
@@ -136,6 +135,15 @@ class ImageGuardMiddleware(GuardFacade):
             await _send_entry(send, outcome, outcome.matches(decision.if_none_match), decision.head)
         else:
             await _send_reply(send, outcome, decision.head)
+
+    def _register(self, scope: Scope) -> None:
+        # request.app.state.imageguard, for image_url() and endpoints (once).
+        self._registered = True
+        owner = scope.get("app")
+        state = getattr(owner, "state", None)
+        if state is not None and getattr(state, "imageguard", None) is None:
+            with contextlib.suppress(AttributeError):
+                state.imageguard = self
 
     # -- fills ------------------------------------------------------------------------
 

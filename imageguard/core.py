@@ -462,13 +462,14 @@ class Core:
 
     # -- request side ------------------------------------------------------------
 
-    def decide(self, request: Request) -> Decision:
+    def decide(self, request: Request, *, guarded: bool = False) -> Decision:
         """Route, normalise, parse, verify, key and look up one request.
 
+        :param guarded: the adapter already checked :meth:`is_guarded` (saves a repeat).
         :raises BadRequest: malformed path or query (400).
         :raises InvalidSignature: missing, invalid or expired signature (403).
         """
-        if not self.is_guarded(request.path, request.query):
+        if not guarded and not self.is_guarded(request.path, request.query):
             return PASS
         if request.method not in ("GET", "HEAD"):
             return PASS

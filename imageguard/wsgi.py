@@ -109,7 +109,7 @@ class ImageGuard(GuardFacade):
         key = None
         try:
             request = _decode_path(request)
-            decision = core.decide(request)
+            decision = core.decide(request, guarded=True)
             if decision is PASS:
                 return app(environ, start_response)
             if isinstance(decision, Hit):

@@ -55,11 +55,12 @@ class MemoryCache:
 
     def get(self, key: str) -> Entry | None:
         with self._lock:
-            entry = self._cache.get(key)
-            if entry is None:
+            try:
+                entry = self._cache[key]  # one expiry check (Cache.get() would do two)
+            except KeyError:
                 self.misses += 1
-            else:
-                self.hits += 1
+                return None
+            self.hits += 1
             return entry
 
     def set(self, key: str, entry: Entry) -> None:
