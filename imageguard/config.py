@@ -118,6 +118,7 @@ class Settings:
     max_svg_bytes: int = 2 * MiB
     #: Most elements in one SVG.
     svg_max_nodes: int = 20_000
+    svg_data_images: bool = True
     #: Pick WebP/AVIF output by the ``Accept`` header.
     negotiate: bool = False
     #: L1 (in-process) cache size in bytes; 0 disables L1.
@@ -168,6 +169,7 @@ class Settings:
             svg: str = ...,
             max_svg_bytes: int | str = ...,
             svg_max_nodes: int | str = ...,
+            svg_data_images: bool | str = ...,
             negotiate: bool | str = ...,
             cache_bytes: int | str = ...,
             cache_ttl: int | str = ...,
@@ -672,6 +674,7 @@ _FIELDS: dict[str, tuple[Callable[[object], object], str]] = {
     "svg": (_choice("sanitize", "reject"), "one of sanitize, reject"),
     "max_svg_bytes": (_size(1), f"a size in bytes > 0, {_SIZE_EXAMPLES}"),
     "svg_max_nodes": (_integer(1), "a whole number of elements > 0"),
+    "svg_data_images": (_parse_bool, "a boolean: true/false, 1/0, yes/no or on/off"),
     "negotiate": (_parse_bool, "a boolean: true/false, 1/0, yes/no or on/off"),
     "cache_bytes": (
         _size(0),

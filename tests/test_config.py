@@ -41,7 +41,7 @@ def test_variables_map_every_field_to_its_environment_variable() -> None:
     assert VARIABLES["secret_key"] == "IMAGEGUARD_SECRET_KEY"
     assert "ephemeral_key" not in VARIABLES
     assert set(VARIABLES) == {f.name for f in dataclasses.fields(Settings) if f.init}
-    assert len(VARIABLES) == 27  # 26 from DESIGN §10 + CROSS_ORIGIN_RESOURCE_POLICY
+    assert len(VARIABLES) == 28  # 26 from DESIGN §10 + CROSS_ORIGIN_RESOURCE_POLICY + SVG_DATA_IMAGES
 
 
 # -- defaults (DESIGN §10) -----------------------------------------------------------
@@ -60,6 +60,7 @@ DEFAULTS: list[tuple[str, object]] = [
     ("svg", "sanitize"),
     ("max_svg_bytes", 2 * MiB),
     ("svg_max_nodes", 20_000),
+    ("svg_data_images", True),
     ("negotiate", False),
     ("cache_bytes", 64 * MiB),
     ("cache_ttl", 3600),
@@ -121,6 +122,7 @@ PARSED: list[Any] = [
     pytest.param("SVG", "Reject", "reject", id="svg"),
     pytest.param("MAX_SVG_BYTES", "512 KiB", 512 * 1024, id="max_svg_bytes"),
     pytest.param("SVG_MAX_NODES", "500", 500, id="svg_max_nodes"),
+    pytest.param("SVG_DATA_IMAGES", "off", False, id="svg_data_images"),
     *[
         pytest.param("NEGOTIATE", text, text.lower() in {"true", "1", "yes", "on"}, id=f"bool-{text}")
         for text in ["true", "TRUE", "1", "yes", "on", "false", "0", "No", "off"]
@@ -333,6 +335,7 @@ BAD: list[Any] = [
     pytest.param("SVG", "allow", id="svg"),
     pytest.param("MAX_SVG_BYTES", "0", id="max_svg_bytes"),
     pytest.param("SVG_MAX_NODES", "0", id="svg_max_nodes"),
+    pytest.param("SVG_DATA_IMAGES", "sometimes", id="svg_data_images"),
     pytest.param("NEGOTIATE", "maybe", id="negotiate"),
     pytest.param("NEGOTIATE", "2", id="negotiate-number"),
     pytest.param("CACHE_BYTES", "-1", id="cache_bytes-negative"),
