@@ -53,6 +53,7 @@ from .raster import (
     sniff,
 )
 from .signing import URLSigner, canonical_form
+from .svg import SanitizedSvg, SvgLimits, sanitize_svg
 
 #: Query parameters that change the produced image; they must be signed.
 TRANSFORM_PARAMS: Final = ("w", "h", "fit", "q", "fmt")
@@ -159,6 +160,7 @@ FORWARDED_HEADERS: Final[frozenset[str]] = frozenset()
 KEPT_UPSTREAM_HEADERS: Final = frozenset(("last-modified",))
 #: Sandboxing policy sent with every image (DESIGN §3); harmless on rasters.
 CONTENT_SECURITY_POLICY: Final = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+_NO_TRANSFORM: Final = Transform()
 #: Verified requests remembered so a hit skips parsing and HMAC verification.
 ROUTE_MEMO_SIZE: Final = 4096
 #: Seconds a request waits for another thread's fill of the same key.
@@ -428,6 +430,17 @@ class Core:
             max_frames=settings.max_frames,
             formats=frozenset(settings.formats) & frozenset(CONTENT_TYPES) - {"svg"},
         )
+        self.svg_limits = SvgLimits(
+            max_bytes=settings.max_svg_bytes,
+            max_nodes=settings.svg_max_nodes,
+            data_images=settings.svg_data_images,
+            raster=self.limits,
+            # An <svg> root without xmlns (SVG written for inline HTML use) is read
+            # as SVG, the way a browser's HTML parser reads it, and comes out in the
+            # SVG namespace; the corpus's benign ariaDataTest.svg is such a file.
+            # Any other root is still refused (svg_not_svg).
+            accept_unnamespaced=True,
+        )
         # Precomputed at start-up: the route check is a prefix test per request.
         self._prefixes = tuple(settings.paths)
         self._allowed_params = RESERVED_PARAMS | frozenset(settings.source_params)
@@ -686,10 +699,27 @@ class Core:
                 "type_mismatch", f"declared {declared or 'no type'} but the bytes are {sniffed}"
             )
         if sniffed == "svg":
-            # The SVG sanitizer is not part of this release: refuse (fail closed).
-            raise InvalidImage("svg_not_allowed", "SVG images are not served by this release")
+            return self._complete_svg(plan, headers, body)
         image = sanitize_raster(body, self.limits, plan.transform)
         entry = self.make_entry(plan.key, plan.path, image, headers)
+        self.cache.set(plan.key, entry)
+        return entry
+
+    def _complete_svg(self, plan: FillPlan, headers: Sequence[tuple[str, str]], body: bytes) -> Entry:
+        """Sanitize an SVG (DESIGN §5), log what was removed, store and return it."""
+        if self.settings.svg == "reject":
+            raise InvalidImage("svg_not_allowed", "SVG images are not served here (IMAGEGUARD_SVG=reject)")
+        if plan.transform != _NO_TRANSFORM:
+            # No rasterizer: resizing or converting an SVG is not something we can do safely.
+            raise InvalidImage("svg_transform_unsupported", "SVG images cannot be resized or converted")
+        if len(body) > self.svg_limits.max_bytes:
+            raise InvalidImage("too_large", "the SVG exceeds IMAGEGUARD_MAX_SVG_BYTES")
+        svg = sanitize_svg(body, self.svg_limits)
+        for reason in svg.removed:
+            security_event(
+                reason, "removed from an SVG", path=plan.path, client=plan.client, key=plan.key[:12]
+            )
+        entry = self.make_entry(plan.key, plan.path, svg, headers)
         self.cache.set(plan.key, entry)
         return entry
 
@@ -697,7 +727,7 @@ class Core:
         self,
         key: str,
         source_path: str,
-        image: SanitizedImage,
+        image: SanitizedImage | SanitizedSvg,
         upstream_headers: Sequence[tuple[str, str]] = (),
     ) -> Entry:
         """Build an :class:`Entry`: every header of a hit, computed once."""

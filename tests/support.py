@@ -76,43 +76,43 @@ class Upstream:
     def calls_to(self, path: str) -> int:
         return sum(1 for call in self.calls if call["path"] == path)
 
+    def record(self, **call: Any) -> None:
+        with self.lock:
+            self.calls.append(call)
+
+    def answer(self, name: str, headers: Any) -> tuple[int, bytes, str, dict[str, str]]:
+        """(status, body, content type, headers) for a file; the same for every framework."""
+        if name not in self.files:
+            return 404, b"no such image", "text/plain", {}
+        body, content_type = self.files[name]
+        # Reflect unkeyed inputs the way vulnerable apps do: if any of them
+        # reached us, the served bytes would differ.
+        reflected = headers.get("X-Forwarded-Host", "") + headers.get("X-Original-URL", "")
+        if reflected and content_type.startswith("image/"):
+            body = body + reflected.encode()
+        extra = {"Set-Cookie": "session=upstream-secret; Path=/", "X-Upstream-Secret": "leak"}
+        return 200, body, content_type, {**extra, **self.extra_headers}
+
     def app(self) -> Flask:
         app = Flask("upstream", static_folder=None)
         app.config["TESTING"] = True
 
         @app.route("/static/<path:name>")
         def static_file(name: str) -> Response:
-            with self.lock:
-                self.calls.append(
-                    {
-                        "path": request.path,
-                        "query": request.query_string.decode(),
-                        "method": request.method,
-                        "headers": dict(request.headers),
-                        "body": request.get_data(),
-                        "host": request.host,
-                    }
-                )
+            self.record(
+                path=request.path,
+                query=request.query_string.decode(),
+                method=request.method,
+                headers=dict(request.headers),
+                body=request.get_data(),
+                host=request.host,
+            )
             if self.delay is not None:
                 self.delay.wait(10)
             if name in self.slow:
                 time.sleep(self.slow[name])
-            if name not in self.files:
-                return Response("no such image", status=404, content_type="text/plain")
-            body, content_type = self.files[name]
-            # Reflect unkeyed inputs the way vulnerable apps do: if any of them
-            # reached us, the served bytes would differ.
-            reflected = request.headers.get("X-Forwarded-Host", "") + request.headers.get(
-                "X-Original-URL", ""
-            )
-            if reflected and content_type.startswith("image/"):
-                body = body + reflected.encode()
-            response = Response(body, content_type=content_type)
-            response.headers["Set-Cookie"] = "session=upstream-secret; Path=/"
-            response.headers["X-Upstream-Secret"] = "leak"
-            for name_, value in self.extra_headers.items():
-                response.headers[name_] = value
-            return response
+            status, body, content_type, headers = self.answer(name, request.headers)
+            return Response(body, status=status, content_type=content_type, headers=headers)
 
         @app.route("/_calls")
         def calls() -> Response:
@@ -146,33 +146,20 @@ def starlette_app(upstream: Upstream) -> Any:
 
     async def static_file(request: StarletteRequest) -> StarletteResponse:
         name = request.path_params["name"]
-        with upstream.lock:
-            upstream.calls.append(
-                {
-                    "path": request.url.path,
-                    "query": request.scope["query_string"].decode(),
-                    "method": request.method,
-                    "headers": dict(request.headers),
-                    "body": await request.body(),
-                    "host": request.headers.get("host", ""),
-                }
-            )
+        upstream.record(
+            path=request.url.path,
+            query=request.scope["query_string"].decode(),
+            method=request.method,
+            headers=dict(request.headers),
+            body=await request.body(),
+            host=request.headers.get("host", ""),
+        )
         if upstream.delay is not None:
             await anyio.to_thread.run_sync(upstream.delay.wait, 10)
         if name in upstream.slow:
             await anyio.sleep(upstream.slow[name])
-        if name not in upstream.files:
-            return PlainTextResponse("no such image", status_code=404)
-        body, content_type = upstream.files[name]
-        reflected = request.headers.get("x-forwarded-host", "") + request.headers.get("x-original-url", "")
-        if reflected and content_type.startswith("image/"):
-            body = body + reflected.encode()
-        response = StarletteResponse(body, media_type=content_type)
-        response.headers["Set-Cookie"] = "session=upstream-secret; Path=/"
-        response.headers["X-Upstream-Secret"] = "leak"
-        for name_, value in upstream.extra_headers.items():
-            response.headers[name_] = value
-        return response
+        status, body, content_type, headers = upstream.answer(name, request.headers)
+        return StarletteResponse(body, status_code=status, media_type=content_type, headers=headers)
 
     async def calls(request: StarletteRequest) -> StarletteResponse:
         return PlainTextResponse(str(len(upstream.calls)))

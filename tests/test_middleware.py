@@ -39,7 +39,20 @@ class Result:
         return self.headers.get("X-ImageGuard-Reason")
 
 
-class WSGIDriver:
+class Driver:
+    """What every adapter driver offers a test: request/get and the guard's url()."""
+
+    guard: Any
+    request: Callable[..., Result]  # each driver's own: request(url, *, method, headers, data)
+
+    def get(self, url: str, **kwargs: Any) -> Result:
+        return self.request(url, **kwargs)
+
+    def url(self, path: str, **params: Any) -> str:
+        return str(self.guard.url(path, **params))
+
+
+class WSGIDriver(Driver):
     """Drives ``ImageGuard(flask_app)`` with werkzeug's test client (real WSGI environ,
     including REQUEST_URI, so encoded paths arrive as a server would pass them)."""
 
@@ -62,14 +75,8 @@ class WSGIDriver:
         response = client.open(url, method=method, headers=headers or {}, data=data)
         return Result(response.status_code, response.headers, response.get_data())
 
-    def get(self, url: str, **kwargs: Any) -> Result:
-        return self.request(url, **kwargs)
 
-    def url(self, path: str, **params: Any) -> str:
-        return self.guard.url(path, **params)
-
-
-class ASGIDriver:
+class ASGIDriver(Driver):
     """Drives a Starlette app with ``add_middleware(ImageGuardMiddleware)`` by calling it
     with hand-built ASGI scopes on one event loop (a blocking portal), so raw paths
     arrive exactly as written and many threads can share the loop."""
@@ -99,12 +106,6 @@ class ASGIDriver:
         data: bytes | None = None,
     ) -> Result:
         return self.portal.call(call_asgi, self.app, url, method, headers or {}, data or b"")
-
-    def get(self, url: str, **kwargs: Any) -> Result:
-        return self.request(url, **kwargs)
-
-    def url(self, path: str, **params: Any) -> str:
-        return self.guard.url(path, **params)
 
 
 async def call_asgi(
@@ -399,14 +400,6 @@ def test_format_outside_configured_allowlist(make_client: MakeClient, upstream: 
     client = make_client(upstream, formats="jpeg,png")
     assert_rejected(client.get(upstream.add("a.gif", gif(), "image/gif")), 502, "format_not_allowed")
     assert client.get(upstream.add("a.png", png(), "image/png")).status == 200
-
-
-def test_svg_is_refused_until_the_sanitizer_exists(make_client: MakeClient, upstream: Upstream) -> None:
-    svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
-    client = make_client(upstream)
-    result = client.get(upstream.add("x.svg", svg, "image/svg+xml"))
-    assert_rejected(result, 502, "svg_not_allowed")
-    assert b"<script>" not in result.body
 
 
 # -- bombs and limits ---------------------------------------------------------------
@@ -940,3 +933,95 @@ def test_outer_middleware_side_data_never_reaches_the_fill(upstream: Upstream) -
     assert "REMOTE_USER" not in environ and "myauth.user" not in environ
     assert "werkzeug.proxy_fix.orig" not in environ
     assert environ["REQUEST_METHOD"] == "GET" and environ["wsgi.url_scheme"] == "http"
+
+
+# -- SVG ----------------------------------------------------------------------------------
+
+SCRIPTED_SVG = (
+    b'<?xml version="1.0"?>\n'
+    b'<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd">\n'
+    b'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+    b'width="10" height="10" onload="alert(1)">'
+    b"<script>alert(document.cookie)</script>"
+    b'<rect id="r" width="10" height="10" fill="red" onclick="alert(2)"/>'
+    b'<a xlink:href="javascript:alert(3)"><use xlink:href="#r"/></a>'
+    b'<foreignObject><body xmlns="http://www.w3.org/1999/xhtml"><img src="x" onerror="alert(4)"/></body>'
+    b"</foreignObject></svg>"
+)
+
+
+def test_svg_is_sanitized_and_sandboxed(make_client: MakeClient, upstream: Upstream) -> None:
+    client = make_client(upstream)
+    result = client.get(upstream.add("x.svg", SCRIPTED_SVG, "image/svg+xml"))
+    assert result.status == 200, (result.status, result.reason)
+    assert result.headers["Content-Type"] == "image/svg+xml"
+    assert result.headers["X-Content-Type-Options"] == "nosniff"
+    assert (
+        result.headers["Content-Security-Policy"] == "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+    )
+    body = result.body.lower()
+    for forbidden in (
+        b"<script",
+        b"onload",
+        b"onclick",
+        b"onerror",
+        b"javascript:",
+        b"foreignobject",
+        b"<!doctype",
+        b"alert(",
+    ):
+        assert forbidden not in body, forbidden
+    assert b"<rect" in body and b'href="#r"' in body  # the drawing survives
+    from xml.etree import ElementTree
+
+    assert ElementTree.fromstring(result.body).tag == "{http://www.w3.org/2000/svg}svg"
+
+
+def test_svg_reject_mode(make_client: MakeClient, upstream: Upstream) -> None:
+    client = make_client(upstream, svg="reject")
+    assert_rejected(client.get(upstream.add("x.svg", SCRIPTED_SVG, "image/svg+xml")), 502, "svg_not_allowed")
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        pytest.param(
+            b'<!DOCTYPE svg [<!ENTITY x "y">]><svg xmlns="http://www.w3.org/2000/svg">&x;</svg>',
+            "svg_entities_forbidden",
+            id="entity",
+        ),
+        pytest.param(
+            b'<svg xmlns="http://www.w3.org/2000/svg"><rect></svg>', "svg_malformed", id="malformed"
+        ),
+        pytest.param(
+            b'<svg xmlns="http://www.w3.org/1999/xhtml"><rect/></svg>', "svg_not_svg", id="xhtml-root"
+        ),
+        pytest.param(b"<html><svg/></html>", "not_image", id="html-root"),
+    ],
+)
+def test_bad_svg_is_refused(make_client: MakeClient, upstream: Upstream, body: bytes, reason: str) -> None:
+    client = make_client(upstream)
+    assert_rejected(client.get(upstream.add("x.svg", body, "image/svg+xml")), 502, reason)
+
+
+def test_svg_limits_and_transforms(make_client: MakeClient, upstream: Upstream) -> None:
+    client = make_client(upstream, max_svg_bytes="1KiB")
+    big = b'<svg xmlns="http://www.w3.org/2000/svg">' + b"<g/>" * 400 + b"</svg>"
+    assert_rejected(client.get(upstream.add("big.svg", big, "image/svg+xml")), 502, "too_large")
+    small = upstream.add("small.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><g/></svg>', "image/svg+xml")
+    assert client.get(small).status == 200
+    assert_rejected(client.get(client.url(small, w=10)), 502, "svg_transform_unsupported")
+
+
+def test_svg_without_xmlns_is_read_as_svg(make_client: MakeClient, upstream: Upstream) -> None:
+    client = make_client(upstream)
+    body = b'<svg width="4" height="4" onload="alert(1)"><rect width="4" height="4" aria-label="x"/></svg>'
+    result = client.get(upstream.add("bare.svg", body, "image/svg+xml"))
+    assert result.status == 200
+    assert result.body.startswith(b'<svg xmlns="http://www.w3.org/2000/svg"')
+    assert b"onload" not in result.body and b'aria-label="x"' in result.body
+
+
+def test_svg_declared_as_png_is_a_mismatch(make_client: MakeClient, upstream: Upstream) -> None:
+    client = make_client(upstream)
+    assert_rejected(client.get(upstream.add("x.png", SCRIPTED_SVG, "image/png")), 502, "type_mismatch")
