@@ -115,6 +115,7 @@ class ImageGuardMiddleware(GuardFacade):
             host=headers.get(b"host", b"").decode("latin-1") or None,
             if_none_match=headers.get(b"if-none-match", b"").decode("latin-1") or None,
             client=client[0] if client else None,
+            accept=headers.get(b"accept", b"").decode("latin-1") or None,
         )
         key = None
         try:
@@ -292,7 +293,10 @@ def _raw_path(scope: Scope) -> str | None:
 def _request_headers(scope: Scope) -> dict[bytes, bytes]:
     headers: dict[bytes, bytes] = {}
     for name, value in scope.get("headers", ()):
-        if name in (b"host", b"if-none-match"):
+        if name == b"accept":
+            # A list-valued header: repeated fields combine (RFC 9110 §5.3).
+            headers[name] = headers[name] + b", " + value if name in headers else value
+        elif name in (b"host", b"if-none-match"):
             if name in headers:
                 raise BadRequest("bad_header", f"duplicate {name.decode()} header")
             headers[name] = value

@@ -28,6 +28,7 @@ This module imports no web framework and reads no environment.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import threading
@@ -46,6 +47,7 @@ from .errors import BadRequest, InvalidImage, InvalidSignature, Rejected
 from .events import security_event
 from .raster import (
     CONTENT_TYPES,
+    OUTPUT_AVAILABLE,
     RasterLimits,
     SanitizedImage,
     Transform,
@@ -201,6 +203,7 @@ class Request:
     :param host: the ``Host`` header, if any.
     :param if_none_match: the ``If-None-Match`` header, if any.
     :param client: the client address, for logs.
+    :param accept: the ``Accept`` header, if any (used only with ``IMAGEGUARD_NEGOTIATE``).
     """
 
     method: str
@@ -210,6 +213,7 @@ class Request:
     host: str | None = None
     if_none_match: str | None = None
     client: str | None = None
+    accept: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +296,8 @@ class FillPlan:
     head: bool
     if_none_match: str | None
     client: str | None
+    #: ``fmt`` was chosen from ``Accept`` (IMAGEGUARD_NEGOTIATE), not signed in the URL.
+    negotiated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +311,7 @@ class _Route:
     host: str | None
     expiry: int | None
     generation: int
+    negotiated: bool = False
 
 
 class _Pass:
@@ -445,7 +452,9 @@ class Core:
         self._prefixes = tuple(settings.paths)
         self._allowed_params = RESERVED_PARAMS | frozenset(settings.source_params)
         self._key_hosts = frozenset(settings.key_hosts)
-        self._routes: dict[tuple[str, str | None, str, str | None], _Route] = {}
+        self._routes: dict[tuple[str, str | None, str, str | None, str | None], _Route] = {}
+        # AVIF first when this Pillow can encode it: smaller than WebP at equal quality.
+        self._negotiable = ("avif", "webp") if "avif" in OUTPUT_AVAILABLE else ("webp",)
         common: list[tuple[str, str]] = [
             ("Cache-Control", settings.cache_control),
             ("X-Content-Type-Options", "nosniff"),
@@ -500,7 +509,35 @@ class Core:
             head=head,
             if_none_match=request.if_none_match,
             client=request.client,
+            negotiated=route.negotiated,
         )
+
+    def negotiate(self, accept: str | None) -> str | None:
+        """The output format ``Accept`` asks for: ``avif``, ``webp`` or ``None`` (keep the source's).
+
+        Only explicit ``image/avif`` / ``image/webp`` with a non-zero q count
+        (``image/*`` does not promise either), so the key takes one of three
+        values per URL, never the raw header.
+        """
+        if not accept:
+            return None
+        accepted: set[str] = set()
+        for part in accept.split(","):
+            media, _, params = part.partition(";")
+            quality = 1.0
+            for param in params.split(";"):
+                name, _, value = param.strip().partition("=")
+                if name.lower() == "q":
+                    try:
+                        quality = float(value)
+                    except ValueError:
+                        quality = 0.0
+            if quality > 0:
+                accepted.add(media.strip().lower())
+        for fmt in self._negotiable:
+            if f"image/{fmt}" in accepted:
+                return fmt
+        return None
 
     def route(self, request: Request) -> _Route:
         """Steps 3 to 6 of DESIGN §3 for a guarded GET/HEAD: normalise, parse, verify, key.
@@ -510,7 +547,8 @@ class Core:
         expiry, which depends on the clock, is checked again. Only accepted
         requests are remembered, and a purge of everything forgets them all.
         """
-        memo_key = (request.path, request.raw_path, request.query, request.host)
+        negotiated = self.negotiate(request.accept) if self.settings.negotiate else None
+        memo_key = (request.path, request.raw_path, request.query, request.host, negotiated)
         route = self._routes.get(memo_key)
         if route is not None and route.generation == self.generation:
             if route.expiry is not None and route.expiry < self.clock():
@@ -520,6 +558,10 @@ class Core:
         params, source = self.parse_query(request.query)
         transform = parse_transform(params, max_side=self.settings.max_side)
         self.verify(path, params, source)
+        if negotiated is not None and transform.fmt is None:
+            transform = dataclasses.replace(transform, fmt=negotiated)  # keyed like a signed fmt
+        else:
+            negotiated = None  # a signed fmt wins over Accept
         host = self._keyed_host(request.host)
         upstream_query = "&".join(f"{k}={source[k]}" for k in sorted(source))
         generation = self.generation
@@ -532,6 +574,7 @@ class Core:
             host=host,
             expiry=int(expiry) if expiry is not None else None,
             generation=generation,
+            negotiated=negotiated is not None,
         )
         if len(self._routes) >= ROUTE_MEMO_SIZE:
             self._routes.clear()  # cheap, and bounded: an attacker gains nothing by filling it
@@ -709,7 +752,8 @@ class Core:
         """Sanitize an SVG (DESIGN §5), log what was removed, store and return it."""
         if self.settings.svg == "reject":
             raise InvalidImage("svg_not_allowed", "SVG images are not served here (IMAGEGUARD_SVG=reject)")
-        if plan.transform != _NO_TRANSFORM:
+        transform = dataclasses.replace(plan.transform, fmt=None) if plan.negotiated else plan.transform
+        if transform != _NO_TRANSFORM:
             # No rasterizer: resizing or converting an SVG is not something we can do safely.
             raise InvalidImage("svg_transform_unsupported", "SVG images cannot be resized or converted")
         if len(body) > self.svg_limits.max_bytes:
@@ -737,6 +781,9 @@ class Core:
         last_modified = _http_date(_header(upstream_headers, "last-modified"))
         if last_modified:
             validators.append(("Last-Modified", last_modified))
+        if self.settings.negotiate:
+            # The same URL answers differently by Accept: caches must key on it.
+            validators.append(("Vary", "Accept"))
         headers = (
             ("Content-Type", image.content_type),
             ("Content-Length", str(len(body))),

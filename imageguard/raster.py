@@ -101,6 +101,8 @@ _PIL_FORMATS: Final = {
 
 # Formats that this Pillow build can decode and encode.
 _AVAILABLE: Final = RASTER_FORMATS if _AVIF_AVAILABLE else RASTER_FORMATS - {"avif"}
+#: Formats this Pillow build can encode (AVIF only where Pillow has libavif).
+OUTPUT_AVAILABLE: Final = _AVAILABLE
 
 # Output formats that keep an animation; JPEG output takes the first frame.
 _ANIMATED_OUTPUT: Final = frozenset({"gif", "png", "webp", "avif"})

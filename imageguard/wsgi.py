@@ -12,6 +12,7 @@ calling the upstream app, reading its body (bounded), and writing responses.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Iterable, Mapping
@@ -105,6 +106,7 @@ class ImageGuard(GuardFacade):
             host=environ.get("HTTP_HOST"),
             if_none_match=environ.get("HTTP_IF_NONE_MATCH"),
             client=environ.get("REMOTE_ADDR"),
+            accept=environ.get("HTTP_ACCEPT"),
         )
         key = None
         try:
@@ -233,15 +235,7 @@ def _decode_path(request: Request) -> Request:
         raise BadRequest("bad_path", "the path is not UTF-8", original_error=exc) from exc
     if path == request.path:
         return request
-    return Request(
-        request.method,
-        path,
-        request.query,
-        request.raw_path,
-        request.host,
-        request.if_none_match,
-        request.client,
-    )
+    return dataclasses.replace(request, path=path)
 
 
 def _upstream_environ(environ: Mapping[str, Any], plan: FillPlan) -> dict[str, Any]:

@@ -1025,3 +1025,49 @@ def test_svg_without_xmlns_is_read_as_svg(make_client: MakeClient, upstream: Ups
 def test_svg_declared_as_png_is_a_mismatch(make_client: MakeClient, upstream: Upstream) -> None:
     client = make_client(upstream)
     assert_rejected(client.get(upstream.add("x.png", SCRIPTED_SVG, "image/png")), 502, "type_mismatch")
+
+
+# -- IMAGEGUARD_NEGOTIATE ----------------------------------------------------------------
+
+
+def test_negotiated_format_is_keyed_and_varies(make_client: MakeClient, upstream: Upstream) -> None:
+    from imageguard.raster import OUTPUT_AVAILABLE
+
+    path = upstream.add("a.jpg", jpeg(60, 40), "image/jpeg")
+    client = make_client(upstream, negotiate=True)
+    best = "avif" if "avif" in OUTPUT_AVAILABLE else "webp"
+    cases = [
+        ("image/avif,image/webp,image/*,*/*;q=0.8", f"image/{best}"),
+        ("image/webp,*/*", "image/webp"),
+        ("image/avif;q=0,image/webp;q=0.5", "image/webp"),
+        ("image/*,*/*", "image/jpeg"),
+        (None, "image/jpeg"),
+    ]
+    for accept, expected in cases:
+        result = client.get(path, headers={"Accept": accept} if accept else {})
+        assert result.status == 200, accept
+        assert result.headers["Content-Type"] == expected, accept
+        assert result.headers["Vary"] == "Accept"
+        assert reopen(result.body).size == (60, 40)
+    calls = upstream.calls_to(path)
+    assert calls == len({expected for _, expected in cases})  # one fill per variant, not per header
+    again = client.get(path, headers={"Accept": "image/webp,*/*"})
+    assert again.headers["Content-Type"] == "image/webp" and upstream.calls_to(path) == calls
+    etag = again.headers["ETag"]
+    assert client.get(path, headers={"Accept": "image/webp", "If-None-Match": etag}).status == 304
+    signed = client.get(client.url(path, fmt="png"), headers={"Accept": "image/webp"})
+    assert signed.headers["Content-Type"] == "image/png"  # a signed fmt wins over Accept
+
+
+def test_negotiation_off_ignores_accept(make_client: MakeClient, upstream: Upstream) -> None:
+    path = upstream.add("a.jpg", jpeg(), "image/jpeg")
+    client = make_client(upstream)
+    result = client.get(path, headers={"Accept": "image/avif,image/webp"})
+    assert result.headers["Content-Type"] == "image/jpeg" and "Vary" not in result.headers
+
+
+def test_negotiation_leaves_svg_alone(make_client: MakeClient, upstream: Upstream) -> None:
+    path = upstream.add("x.svg", SCRIPTED_SVG, "image/svg+xml")
+    client = make_client(upstream, negotiate=True)
+    result = client.get(path, headers={"Accept": "image/webp,*/*"})
+    assert result.status == 200 and result.headers["Content-Type"] == "image/svg+xml"
