@@ -39,7 +39,7 @@ from datetime import timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import quote, unquote_plus, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_plus, unquote_to_bytes
 
 from .cache.memory import MemoryCache
 from .config import Settings
@@ -337,6 +337,14 @@ def _header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+def _has_image_extension(path: str) -> bool:
+    # Trailing dots and spaces are dropped by some file systems and servers:
+    # "/a.png." must not escape the guard.
+    name = path.rstrip(". ")
+    dot = name.rfind(".")
+    return dot > name.rfind("/") and name[dot + 1 :].lower() in IMAGE_EXTENSIONS
+
+
 def normalise_path(path: str, raw_path: str | None = None) -> str:
     """Check the request path once; return it or raise :class:`BadRequest`.
 
@@ -361,6 +369,10 @@ def normalise_path(path: str, raw_path: str | None = None) -> str:
         raise BadRequest("bad_path", "the path must start with /")
     if any(ch < " " or ch == "\x7f" or ch == "\\" for ch in path):
         raise BadRequest("bad_path", "control character or backslash in the path")
+    if ";" in path or "%" in path:
+        # Path parameters and a percent sign left after decoding (double
+        # encoding) mean something else to the next hop: refuse, never guess.
+        raise BadRequest("bad_path", "path parameters or double encoding in the path")
     segments = path[1:].split("/")
     for index, segment in enumerate(segments):
         if segment == "":
@@ -470,11 +482,15 @@ class Core:
         """Step 1 of DESIGN §3: under a guarded prefix, and an image path or transform query."""
         if not path.startswith(self._prefixes):
             return False
-        # Trailing dots and spaces are dropped by some file systems and servers:
-        # "/a.png." must not escape the guard.
-        name = path.rstrip(". ")
-        dot = name.rfind(".")
-        if dot > name.rfind("/") and name[dot + 1 :].lower() in IMAGE_EXTENSIONS:
+        if _has_image_extension(path):
+            return True
+        # Spellings that a later layer may still turn into an image path must not
+        # slip past as "not an image": a second percent-decoding ("/a.png%252e"),
+        # backslashes as separators, ";" path parameters ("/a.png;x"). They are
+        # guarded, and normalise_path() then refuses them.
+        if ("%" in path and _has_image_extension(unquote(path))) or (
+            ("\\" in path or ";" in path) and _has_image_extension(path.replace("\\", "/").split(";", 1)[0])
+        ):
             return True
         if query:
             for part in query.replace(";", "&").split("&"):

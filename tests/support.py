@@ -66,6 +66,7 @@ class Upstream:
     calls: list[dict[str, Any]] = field(default_factory=list)
     delay: threading.Event | None = None
     slow: dict[str, float] = field(default_factory=dict)
+    strict: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -81,7 +82,17 @@ class Upstream:
             self.calls.append(call)
 
     def answer(self, name: str, headers: Any) -> tuple[int, bytes, str, dict[str, str]]:
-        """(status, body, content type, headers) for a file; the same for every framework."""
+        """(status, body, content type, headers) for a file; the same for every framework.
+
+        With :attr:`strict`, it fails like the origins of the CPDoS paper do on
+        oversize headers, meta characters and method overrides.
+        """
+        if self.strict:
+            for value in headers.values():
+                if len(value) > 4096 or any(ord(ch) < 32 and ch != "\t" for ch in value):
+                    return 400, b"bad header", "text/plain", {}
+            if any(h in headers for h in ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")):
+                return 405, b"method not allowed", "text/plain", {}
         if name not in self.files:
             return 404, b"no such image", "text/plain", {}
         body, content_type = self.files[name]
@@ -135,8 +146,9 @@ class Upstream:
         return app
 
 
-def starlette_app(upstream: Upstream) -> Any:
-    """The same upstream as :meth:`Upstream.app`, as a real Starlette app."""
+def starlette_app(upstream: Upstream, app_class: Any = None) -> Any:
+    """The same upstream as :meth:`Upstream.app`, as a real Starlette app
+    (or a FastAPI one: pass ``app_class=FastAPI``)."""
     import anyio
     from starlette.applications import Starlette
     from starlette.requests import Request as StarletteRequest
@@ -175,7 +187,7 @@ def starlette_app(upstream: Upstream) -> Any:
     async def data(request: StarletteRequest) -> StarletteResponse:
         return StarletteResponse('{"ok": true}', media_type="application/json")
 
-    return Starlette(
+    return (app_class or Starlette)(
         routes=[
             Route("/static/{name:path}", static_file),
             Route("/_calls", calls),

@@ -27,6 +27,8 @@ def core() -> Core:
         pytest.param("POST", "/a.png", "", id="post-image"),
         pytest.param("PUT", "/a.png", "w=3", id="put-transform"),
         pytest.param("GET", "/dir.png/page", "", id="dot-in-parent"),
+        pytest.param("GET", "/tags/50%-off", "", id="percent-in-a-page-path"),
+        pytest.param("GET", "/page;jsessionid=1", "", id="path-parameter-on-a-page"),
     ],
 )
 def test_pass_through(core: Core, method: str, path: str, query: str) -> None:
@@ -40,6 +42,10 @@ def test_pass_through(core: Core, method: str, path: str, query: str) -> None:
         pytest.param("/A.JPG", "", id="upper-case-extension"),
         pytest.param("/a.tiff", "", id="disallowed-format-still-guarded"),
         pytest.param("/avatar/42", "w=64", id="transform-without-extension"),
+        pytest.param("/a.png%2e", "", id="double-encoded-dot"),
+        pytest.param("/a.png;x", "", id="path-parameter"),
+        pytest.param("/dir\\a.png", "", id="backslash"),
+        pytest.param("/a.png. ", "", id="trailing-dot-space"),
     ],
 )
 def test_guarded(core: Core, path: str, query: str) -> None:
