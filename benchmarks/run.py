@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import PIL
 
-from benchmarks import bench_asgi, bench_hit, bench_raster, bench_svg
+from benchmarks import bench_asgi, bench_hit, bench_raster, bench_signing, bench_svg
 
 
 def main() -> int:
@@ -26,7 +26,13 @@ def main() -> int:
         f"python {platform.python_version()}, Pillow {PIL.__version__}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs, {platform.processor() or platform.platform()}"
     )
-    rows = [*bench_hit.run(), *bench_raster.run(), *bench_svg.run(), *bench_asgi.run()]
+    rows = [
+        *bench_hit.run(),
+        *bench_raster.run(),
+        *bench_svg.run(),
+        *bench_signing.run(),
+        *bench_asgi.run(),
+    ]
     width = max(len(str(row["name"])) for row in rows)
     print(f"{'benchmark':<{width}}  {'baseline':>11}  {'imageguard':>11}  {'ratio':>7}  target")
     for row in rows:

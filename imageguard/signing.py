@@ -21,11 +21,32 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from itsdangerous import Signer
 from itsdangerous.encoding import want_bytes
+from itsdangerous.signer import HMACAlgorithm
 
 #: itsdangerous salt: separates URL signatures from any other use of the key.
 SALT = b"imageguard.url"
 #: Salt of the cache-key HMAC, so a cache key can never double as a URL signature.
 KEY_SALT = b"imageguard.key"
+
+
+class _KeyedHMACAlgorithm(HMACAlgorithm):
+    """itsdangerous's HMAC-SHA256 with the keyed HMAC state set up once per key.
+
+    ``hmac.new`` hashes the key pads on every call; copying a prepared state
+    does not. Same bytes as :class:`HMACAlgorithm` (a test checks both agree).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(hashlib.sha256)
+        self._states: dict[bytes, hmac.HMAC] = {}
+
+    def get_signature(self, key: bytes, value: bytes) -> bytes:
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = hmac.new(key, digestmod=self.digest_method)
+        mac = state.copy()
+        mac.update(value)
+        return mac.digest()
 
 
 class _DerivedKeySigner(Signer):
@@ -42,6 +63,7 @@ class _DerivedKeySigner(Signer):
             sep=".",
             key_derivation="hmac",
             digest_method=hashlib.sha256,
+            algorithm=_KeyedHMACAlgorithm(),
         )
         self._derived: dict[bytes, bytes] = {}
 

@@ -1,0 +1,65 @@
+"""Signature verification + cache-key derivation vs one bare HMAC-SHA256.
+
+The imageguard side is the uncached path of a signed request (the route memo
+is bypassed): verify ``s`` with itsdangerous over the canonical form, then
+derive the HMAC cache key. The baseline is ``hmac.new(key, canonical, sha256)``
+of the same string. Run: ``python benchmarks/bench_signing.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import statistics
+import time
+
+from imageguard import Settings
+from imageguard.core import Core, parse_transform
+from imageguard.signing import canonical_form
+
+SECRET = "benchmark-secret-key-0123456789"
+CALLS = 20_000
+ROUNDS = 7
+
+
+def run() -> list[dict[str, object]]:
+    core = Core(Settings(secret_key=SECRET))
+    path, _, query = core.url("/static/photo.jpg", w=320, fmt="webp").partition("?")
+    params, source = core.parse_query(query)
+    transform = parse_transform(params, max_side=16384)
+    canonical = canonical_form(path, {k: v for k, v in params.items() if k != "s"}).encode()
+    key = SECRET.encode()
+
+    def ours() -> None:
+        core.verify(path, params, source)
+        core.key_for(path, transform, "", None)
+
+    def bare() -> None:
+        hmac.new(key, canonical, hashlib.sha256).digest()
+
+    samples: dict[str, list[float]] = {"ours": [], "bare": []}
+    for _ in range(ROUNDS):  # interleaved
+        for name, fn in (("bare", bare), ("ours", ours)):
+            started = time.perf_counter()
+            for _ in range(CALLS):
+                fn()
+            samples[name].append((time.perf_counter() - started) / CALLS)
+    base, mine = statistics.median(samples["bare"]), statistics.median(samples["ours"])
+    return [
+        {
+            "name": "verify signature + derive key vs bare HMAC-SHA256",
+            "baseline_s": base,
+            "imageguard_s": mine,
+            "ratio": mine / base,
+            "target": "<= 2x",
+        }
+    ]
+
+
+if __name__ == "__main__":
+    for row in run():
+        base, mine = float(row["baseline_s"]), float(row["imageguard_s"])  # type: ignore[arg-type]
+        print(
+            f"{row['name']}: bare {base * 1e6:.2f} us, imageguard {mine * 1e6:.2f} us, "
+            f"ratio {mine / base:.2f}x (target {row['target']})"
+        )
