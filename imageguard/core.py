@@ -655,9 +655,11 @@ class Core:
                 raise BadRequest("bad_param_value", "e must be a canonical integer (unix time)")
         elif self.settings.signature_max_age is not None:
             raise InvalidSignature("missing_expiry", "signed URLs must carry an expiry (e)")
-        signed = {k: v for k, v in params.items() if k != "s"}
-        signed.update(source)
-        if not self.signer.verify(canonical_form(path, signed), signature):
+        signed = [(k, v) for k, v in params.items() if k != "s"]
+        signed.extend(source.items())
+        signed.sort()
+        canonical = path + "?" + "&".join([f"{k}={v}" for k, v in signed]) if signed else path
+        if not self.signer.verify(canonical, signature):
             raise InvalidSignature("bad_signature", "the signature does not match")
         if expiry is not None and int(expiry) < self.clock():
             raise InvalidSignature("expired_signature", "the signed URL has expired")

@@ -20,7 +20,7 @@ import hmac
 from collections.abc import Iterable, Mapping, Sequence
 
 from itsdangerous import Signer
-from itsdangerous.encoding import want_bytes
+from itsdangerous.encoding import base64_encode, want_bytes
 from itsdangerous.signer import HMACAlgorithm
 
 #: itsdangerous salt: separates URL signatures from any other use of the key.
@@ -99,6 +99,8 @@ class URLSigner:
             raise ValueError("URLSigner needs at least one key")
         # itsdangerous wants the newest key *last*; our settings list it first.
         self._signer = _DerivedKeySigner(list(reversed(ordered)))
+        # Derived keys, newest first, for verification (derived once, here).
+        self._verify_keys = [self._signer.derive_key(k) for k in ordered]
         self._key_hmac = hmac.new(
             hmac.new(ordered[0], KEY_SALT, hashlib.sha256).digest(), digestmod=hashlib.sha256
         )
@@ -108,8 +110,19 @@ class URLSigner:
         return self._signer.get_signature(canonical).decode("ascii")
 
     def verify(self, canonical: str, signature: str) -> bool:
-        """Whether *signature* is valid for *canonical* under any of the keys."""
-        return self._signer.verify_signature(canonical, signature)
+        """Whether *signature* is valid for *canonical* under any of the keys.
+
+        The same check as itsdangerous's ``Signer.verify_signature`` (same derived
+        keys, algorithm and encoding; a test compares both), done on the encoded
+        form so that a request does not pay for decoding and re-wrapping.
+        """
+        value = canonical.encode("utf-8", "surrogatepass")
+        given = signature.encode("ascii", "replace")
+        algorithm = self._signer.algorithm
+        for key in self._verify_keys:
+            if hmac.compare_digest(base64_encode(algorithm.get_signature(key, value)), given):
+                return True
+        return False
 
     def cache_key(self, material: str) -> str:
         """An HMAC of *material* under the signing key: the cache key.
