@@ -372,3 +372,13 @@ def test_real_uvicorn_single_flight_and_hardening() -> None:
         assert {r[0] for r in results} == {200}
         assert len({r[2] for r in results}) == 1
         assert int(fetch(port, "/_calls")[2]) - before == 1
+        # [CPDoS] HHO/HMC/HMO against uvicorn: the next normal request still gets the image.
+        for name, value in (
+            ("X-Oversized-Header", "A" * 20_000),
+            ("X-Metachar", "\x07"),
+            ("X-HTTP-Method-Override", "DELETE"),
+        ):
+            attacked = fetch(port, "/static/polyglot.png", {name: value})
+            if attacked[0] != 200 and "x-imageguard-reason" in attacked[1]:
+                assert attacked[1]["cache-control"] == "no-store"
+            assert fetch(port, "/static/polyglot.png")[0] == 200

@@ -267,3 +267,34 @@ def test_signature_battery(make_client: MakeClient, victim: Upstream) -> None:
         rotated.get(rotated.url("/static/photo.jpg", w=60, e=1_000_000_000)), 403, "expired_signature"
     )
     assert rotated.get(url).body == good.body  # the entry is untouched
+
+
+# -- Host keying and start-up warnings ---------------------------------------------------------
+
+
+def test_key_hosts(make_client: MakeClient, victim: Upstream) -> None:
+    """[PWCP] Host-based poisoning in multi-tenant setups: with IMAGEGUARD_KEY_HOSTS the host is
+    part of the key and forwarded; any other Host is 400. Without it (test_unkeyed_header and
+    test_middleware), the client's Host never reaches the origin."""
+    client = make_client(victim, key_hosts="a.example,b.example")
+    url = "/static/logo.png"
+    assert client.get(url, headers={"Host": "a.example"}).status == 200
+    assert victim.calls[-1]["host"] == "a.example"
+    assert client.get(url, headers={"Host": "B.example"}).status == 200
+    assert victim.calls_to(url) == 2  # one entry per tenant
+    assert client.get(url, headers={"Host": "a.example"}).status == 200
+    assert victim.calls_to(url) == 2
+    assert_rejected(client.get(url, headers={"Host": "evil.example"}), 400, "host_not_allowed")
+
+
+def test_start_up_warnings(
+    make_client: MakeClient, victim: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Weakened set-ups say so at start-up: an ephemeral key and IMAGEGUARD_SIGNING=off."""
+    from imageguard import facade
+
+    facade._warned.clear()
+    with caplog.at_level("WARNING", logger="imageguard"):
+        make_client(victim, secret_key="", signing="off")
+    text = caplog.text
+    assert "IMAGEGUARD_SECRET_KEY is not set" in text and "IMAGEGUARD_SIGNING=off" in text

@@ -76,3 +76,20 @@ def test_single_flight_across_server_threads(port: int) -> None:
     assert {status for status, _, _ in results} == {200}
     assert len({body for _, _, body in results}) == 1
     assert int(fetch(port, "/_calls")[2]) - before == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("X-Oversized-Header", "A" * 20_000), ("X-Metachar", "\x07"), ("X-HTTP-Method-Override", "DELETE")],
+    ids=["HHO", "HMC", "HMO"],
+)
+def test_cpdos_against_a_real_server(port: int, name: str, value: str) -> None:
+    """[CPDoS] (Nguyen et al., CCS 2019) against gunicorn: whatever the server answers to an
+    oversize header, a meta character or a method override, an answer from imageguard on a
+    guarded path is no-store, and the next normal request gets the image."""
+    status, headers, _ = fetch(port, "/static/polyglot.png", {name: value})
+    if status != 200 and "x-imageguard-reason" in headers:
+        assert headers["cache-control"] == "no-store"
+    normal_status, normal_headers, body = fetch(port, "/static/polyglot.png")
+    assert normal_status == 200 and normal_headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(body)).size == (40, 30)
