@@ -56,7 +56,7 @@ def build_app(directory: Path, settings: Settings | None = None) -> Starlette:
             thumb = image_url(request, full, w=THUMBNAIL_WIDTH)
             items.append(
                 f'<li><a href="{html.escape(full)}"><img src="{html.escape(thumb)}" '
-                f'alt="{html.escape(name)}" width="{THUMBNAIL_WIDTH}"></a>'
+                f'alt="{html.escape(name)}"></a>'
                 f"<br><code>{html.escape(name)}</code></li>"
             )
         page = (
