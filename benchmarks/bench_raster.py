@@ -16,24 +16,19 @@ counts. The inputs are generated here (gradients + noise). Run:
 from __future__ import annotations
 
 import io
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
-try:
-    import imageguard  # noqa: F401
-except ImportError:  # run from a checkout without installing: use the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script (python benchmarks/bench_x.py): make the repo root importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median_pair
 from imageguard.raster import RasterLimits, Transform, sanitize_raster
 
 QUALITY = 85  # imageguard's default JPEG quality, so both sides encode alike
 REPEATS = {"reencode": 15, "resize": 9}
-WARMUP = 2
 
 
 def photo_jpeg(width: int, height: int) -> bytes:
@@ -53,24 +48,6 @@ def photo_jpeg(width: int, height: int) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG", quality=92)
     return out.getvalue()
-
-
-def _median_pair(
-    baseline: Callable[[], object], candidate: Callable[[], object], repeats: int
-) -> tuple[float, float]:
-    """Median seconds of each, measured alternately so that drift hits both alike."""
-    for _ in range(WARMUP):
-        baseline()
-        candidate()
-    base_samples, cand_samples = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        baseline()
-        base_samples.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        candidate()
-        cand_samples.append(time.perf_counter() - started)
-    return statistics.median(base_samples), statistics.median(cand_samples)
 
 
 def run() -> list[dict[str, object]]:
@@ -98,8 +75,8 @@ def run() -> list[dict[str, object]]:
     def guarded_resize() -> bytes:
         return sanitize_raster(large, limits, Transform(w=320)).body
 
-    reencode = _median_pair(raw_reencode, guarded_reencode, REPEATS["reencode"])
-    resize = _median_pair(naive_resize, guarded_resize, REPEATS["resize"])
+    reencode = median_pair(raw_reencode, guarded_reencode, REPEATS["reencode"])
+    resize = median_pair(naive_resize, guarded_resize, REPEATS["resize"])
     return [
         {
             "name": "re-encode 1920x1080 JPEG vs Pillow open+load+save",

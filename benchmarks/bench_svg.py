@@ -15,24 +15,19 @@ counts. Run: ``python benchmarks/bench_svg.py``.
 from __future__ import annotations
 
 import random
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from defusedxml import ElementTree as DefusedET
 
-try:
-    import imageguard  # noqa: F401
-except ImportError:  # run from a checkout without installing: use the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script (python benchmarks/bench_x.py): make the repo root importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median_pair
 from imageguard.svg import clear_caches, sanitize_svg
 
 TARGET = 3.0  # sanitize_svg may take at most this many times the bare parse
 REPEATS = {"20 KB": 41, "1 MB": 9}
-WARMUP = 2
 SIZES = {"20 KB": 20_000, "1 MB": 1_000_000}
 USE_GROUPS = 100  # groups that get <use> elements: 2 each, within SvgLimits.max_use (256)
 
@@ -101,24 +96,6 @@ def benign_svg(target_bytes: int, seed: int = 7) -> bytes:
     return "\n".join(parts).encode("utf-8")
 
 
-def _median_pair(
-    baseline: Callable[[], object], candidate: Callable[[], object], repeats: int
-) -> tuple[float, float]:
-    """Median seconds of each, measured alternately so that drift hits both alike."""
-    for _ in range(WARMUP):
-        baseline()
-        candidate()
-    base_samples, cand_samples = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        baseline()
-        base_samples.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        candidate()
-        cand_samples.append(time.perf_counter() - started)
-    return statistics.median(base_samples), statistics.median(cand_samples)
-
-
 def run() -> list[dict[str, object]]:
     """Measure; return one row per document size (``ratio`` is imageguard / baseline)."""
     rows: list[dict[str, object]] = []
@@ -132,7 +109,7 @@ def run() -> list[dict[str, object]]:
             clear_caches()  # as for a document never seen before: no cached CSS results
             return sanitize_svg(body)
 
-        base, guarded = _median_pair(lambda body=body: DefusedET.fromstring(body), cold, REPEATS[label])
+        base, guarded = median_pair(lambda body=body: DefusedET.fromstring(body), cold, REPEATS[label])
         rows.append(
             {
                 "name": f"sanitize_svg {label} ({len(body) / 1000:.0f} kB) vs defusedxml parse",
