@@ -44,6 +44,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+#: Seconds the upstream app has to produce a fill's whole response.
+UPSTREAM_TIMEOUT = 60.0
 #: Request headers the fill sees: only the Host the core chose.
 _HOST = b"host"
 
@@ -65,6 +67,8 @@ class ImageGuardMiddleware(GuardFacade):
         self._executor: ThreadPoolExecutor | None = None
         self._inflight = 0  # sanitizations running or waiting for a worker
         self._registered = False
+        #: Seconds the upstream app has to answer a fill (then 502 ``upstream_timeout``).
+        self.upstream_timeout = UPSTREAM_TIMEOUT
         warn_about(self.settings)
 
     @classmethod
@@ -174,7 +178,13 @@ class ImageGuardMiddleware(GuardFacade):
         entry = self._core().lookup(plan.key)
         if entry is not None:
             return entry
-        status, headers, body = await self._call_upstream(scope, plan)
+        try:
+            status, headers, body = await asyncio.wait_for(
+                self._call_upstream(scope, plan), self.upstream_timeout
+            )
+        except asyncio.TimeoutError:
+            # A hung upstream must not hold the key's fill (and its waiters) forever.
+            raise InvalidImage("upstream_timeout", "the upstream app did not answer in time") from None
         return await self._sanitize(plan, status, headers, body)
 
     async def _sanitize(

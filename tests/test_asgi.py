@@ -382,3 +382,18 @@ def test_real_uvicorn_single_flight_and_hardening() -> None:
             if attacked[0] != 200 and "x-imageguard-reason" in attacked[1]:
                 assert attacked[1]["cache-control"] == "no-store"
             assert fetch(port, "/static/polyglot.png")[0] == 200
+
+
+async def test_hung_upstream_times_out_and_frees_the_key() -> None:
+    upstream = Upstream()
+    path = upstream.add("slow.png", png(4, 4), "image/png")
+    upstream.slow["slow.png"] = 5.0
+    app = guarded(upstream)
+    guard = ImageGuardMiddleware.from_app(app)
+    guard.upstream_timeout = 0.2
+    async with client_for(app) as client:
+        results = await asyncio.gather(*(client.get(path) for _ in range(3)))
+        assert [r.headers["x-imageguard-reason"] for r in results] == ["upstream_timeout"] * 3
+        assert all(r.headers["cache-control"] == "no-store" for r in results)
+        upstream.slow.clear()
+        assert (await client.get(path)).status_code == 200  # the key was not left wedged
