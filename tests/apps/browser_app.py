@@ -18,6 +18,7 @@ served on loopback to a headless, network-blocked browser.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -25,6 +26,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -199,9 +201,15 @@ class _CountEvents(logging.Handler):
         SECURITY_EVENTS[str(getattr(record, "imageguard", {}).get("reason", "?"))] += 1
 
 
-_guard_logger = logging.getLogger("imageguard")
-_guard_logger.addHandler(_CountEvents())
-_guard_logger.propagate = False
+@contextlib.asynccontextmanager
+async def _count_events_in_the_server(app: object) -> AsyncIterator[None]:
+    # Only in the server process (lifespan): importing this module from the
+    # test process must leave the "imageguard" logger as it was.
+    guard_logger = logging.getLogger("imageguard")
+    guard_logger.addHandler(_CountEvents())
+    guard_logger.propagate = False
+    yield
+
 
 BEACONS: list[dict[str, object]] = []
 _beacon_lock = threading.Lock()
@@ -270,6 +278,7 @@ upstream = Starlette(
         Route("/page", page),
         Route("/beacon/{bid:path}", beacon, methods=["GET", "POST", "HEAD"]),
         Route("/beacons", beacons),
-    ]
+    ],
+    lifespan=_count_events_in_the_server,
 )
 app = ImageGuardMiddleware(upstream, settings=SETTINGS)
