@@ -27,10 +27,9 @@ import functools
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import quote
 
 from .config import Settings
-from .core import FOLLOWER_TIMEOUT, PASS, Core, Entry, FillPlan, Hit, Outcome, Reply, Request
+from .core import FOLLOWER_TIMEOUT, PASS, BodyLimit, Core, Entry, FillPlan, Hit, Outcome, Reply, Request
 from .errors import BadRequest, InvalidImage, Overloaded, Rejected
 from .events import logger
 from .facade import GuardFacade, warn_about
@@ -208,10 +207,9 @@ class ImageGuardMiddleware(GuardFacade):
             self._inflight -= 1
 
     async def _call_upstream(self, scope: Scope, plan: FillPlan) -> tuple[int, list[tuple[str, str]], bytes]:
-        limit = self.settings.max_bytes
+        budget = BodyLimit(self.settings.max_bytes)
         started: list[tuple[int, list[tuple[str, str]]]] = []
         chunks: list[bytes] = []
-        size = 0
         finished = asyncio.Event()
         requested = False
 
@@ -225,19 +223,14 @@ class ImageGuardMiddleware(GuardFacade):
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
-            nonlocal size
             kind = message["type"]
             if kind == "http.response.start":
                 headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
-                for name, value in headers:
-                    if name.lower() == "content-length" and value.strip().isdigit() and int(value) > limit:
-                        raise _too_large()  # refuse before reading when it says so up front
+                budget.declared(headers)
                 started.append((int(message["status"]), headers))
             elif kind == "http.response.body":
                 chunk = bytes(message.get("body", b""))
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large()  # stop reading: the app's send() fails, its stream ends
+                budget.add(chunk)  # past the limit the app's send() fails and its stream ends
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     finished.set()
@@ -279,10 +272,6 @@ def image_url(request: Any, path: str, /, **params: object) -> str:
     return ImageGuardMiddleware.from_app(request.app).url(path, **params)
 
 
-def _too_large() -> InvalidImage:
-    return InvalidImage("too_large", "the upstream body exceeds IMAGEGUARD_MAX_BYTES")
-
-
 def _full_path(scope: Scope) -> str:
     path: str = scope.get("path", "/")
     root: str = scope.get("root_path", "")
@@ -322,17 +311,13 @@ def _upstream_scope(scope: Scope, plan: FillPlan) -> dict[str, Any]:
     }
     upstream["method"] = "GET"
     upstream["path"] = plan.path
-    upstream["raw_path"] = quote(plan.path, safe="/!$&'()*+,:;=@").encode("ascii")
+    upstream["raw_path"] = plan.raw_path.encode("ascii")
     root = scope.get("root_path", "")
     if root and plan.path.startswith(root) and not scope.get("path", "").startswith(root):
         upstream["path"] = plan.path[len(root) :]  # this server keeps path relative to root_path
     upstream["query_string"] = plan.upstream_query.encode("ascii")
-    if plan.upstream_host is not None:
-        host = plan.upstream_host
-    else:
-        # The client's Host is not part of the key, so it may not reach the app.
-        server = scope.get("server") or ("localhost", None)
-        host = server[0] if server[1] in (None, 80, 443) else f"{server[0]}:{server[1]}"
+    server = scope.get("server") or ("localhost", None)
+    host = plan.host(server[0], server[1])
     upstream["headers"] = [(_HOST, host.encode("latin-1"))]
     upstream["extensions"] = {}
     return upstream

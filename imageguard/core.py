@@ -299,6 +299,50 @@ class FillPlan:
     #: ``fmt`` was chosen from ``Accept`` (IMAGEGUARD_NEGOTIATE), not signed in the URL.
     negotiated: bool = False
 
+    @property
+    def raw_path(self) -> str:
+        """The fill's path, percent-encoded (REQUEST_URI, ASGI ``raw_path``)."""
+        return quote(self.path, safe="/!$&'()*+,:;=@")
+
+    def host(self, server: str, port: int | str | None) -> str:
+        """The ``Host`` the fill sends: the keyed host, else the server's own name.
+
+        The client's Host is not part of the key (unless IMAGEGUARD_KEY_HOSTS),
+        so it may not reach the app.
+        """
+        if self.upstream_host is not None:
+            return self.upstream_host
+        return server if str(port or "") in ("", "80", "443") else f"{server}:{port}"
+
+
+class BodyLimit:
+    """Counts a fill's body against ``IMAGEGUARD_MAX_BYTES``; both adapters feed it.
+
+    :raises InvalidImage: ``too_large``, as soon as the declared length or the
+        bytes read so far exceed the limit (the adapter then stops reading).
+    """
+
+    __slots__ = ("limit", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+
+    def declared(self, headers: Iterable[tuple[str, str]]) -> None:
+        """Refuse before reading when the upstream says up front that it is too large."""
+        length = _header(headers, "content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.limit:
+            raise _too_large()
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise _too_large()
+
+
+def _too_large() -> InvalidImage:
+    return InvalidImage("too_large", "the upstream body exceeds IMAGEGUARD_MAX_BYTES")
+
 
 @dataclass(frozen=True, slots=True)
 class _Route:
@@ -745,7 +789,7 @@ class Core:
         if status != 200:
             return self._pass_on(status, headers, body)
         if len(body) > self.settings.max_bytes:
-            raise InvalidImage("too_large", "the upstream body exceeds IMAGEGUARD_MAX_BYTES")
+            raise _too_large()
         encoding = _header(headers, "content-encoding")
         if encoding and encoding.strip().lower() != "identity":
             raise InvalidImage("unsupported_encoding", "the upstream body is content-encoded")

@@ -17,10 +17,10 @@ import io
 import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from .config import VARIABLES, Settings
-from .core import FOLLOWER_TIMEOUT, PASS, Core, Entry, FillPlan, Hit, Outcome, Reply, Request
+from .core import FOLLOWER_TIMEOUT, PASS, BodyLimit, Core, Entry, FillPlan, Hit, Outcome, Reply, Request
 from .errors import BadRequest, ConfigError, InvalidImage, Rejected
 from .events import logger
 from .facade import GuardFacade, warn_about
@@ -140,16 +140,12 @@ class ImageGuard(GuardFacade):
         self, environ: WSGIEnvironment, plan: FillPlan
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         assert self.app is not None
-        limit = self.settings.max_bytes
+        budget = BodyLimit(self.settings.max_bytes)
         started: list[tuple[str, list[tuple[str, str]]]] = []
         chunks: list[bytes] = []
-        size = 0
 
         def write(data: bytes) -> None:  # the legacy write() callable of PEP 3333
-            nonlocal size
-            size += len(data)
-            if size > limit:
-                raise _too_large()
+            budget.add(data)
             chunks.append(data)
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -164,13 +160,11 @@ class ImageGuard(GuardFacade):
             raise InvalidImage("upstream_error", "the upstream app failed", original_error=exc) from exc
         try:
             if started:
-                _check_declared_length(started[-1][1], limit)
+                budget.declared(started[-1][1])
             for chunk in iterable:
                 if not chunks and started:
-                    _check_declared_length(started[-1][1], limit)
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large()
+                    budget.declared(started[-1][1])
+                budget.add(chunk)
                 chunks.append(chunk)
         except Rejected:
             raise
@@ -189,17 +183,6 @@ class ImageGuard(GuardFacade):
         except ValueError as exc:
             raise InvalidImage("upstream_error", "the upstream sent a bad status") from exc
         return status, headers, b"".join(chunks)
-
-
-def _too_large() -> InvalidImage:
-    return InvalidImage("too_large", "the upstream body exceeds IMAGEGUARD_MAX_BYTES")
-
-
-def _check_declared_length(headers: list[tuple[str, str]], limit: int) -> None:
-    # Refuse before reading when the upstream says up front that it is too large.
-    for name, value in headers:
-        if name.lower() == "content-length" and value.strip().isdigit() and int(value) > limit:
-            raise _too_large()
 
 
 def _send_entry(
@@ -257,16 +240,8 @@ def _upstream_environ(environ: Mapping[str, Any], plan: FillPlan) -> dict[str, A
     upstream["QUERY_STRING"] = plan.upstream_query
     upstream["wsgi.input"] = io.BytesIO(b"")
     upstream["CONTENT_LENGTH"] = "0"
-    if plan.upstream_host is not None:
-        upstream["HTTP_HOST"] = plan.upstream_host
-    else:
-        # The client's Host is not part of the key, so it may not reach the app:
-        # the app sees the server's own name instead.
-        server, port = environ.get("SERVER_NAME", "localhost"), str(environ.get("SERVER_PORT", ""))
-        upstream["HTTP_HOST"] = server if port in ("", "80", "443") else f"{server}:{port}"
-    target = quote(plan.path, safe="/!$&'()*+,:;=@")
-    if plan.upstream_query:
-        target += "?" + plan.upstream_query
+    upstream["HTTP_HOST"] = plan.host(environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT"))
+    target = plan.raw_path + ("?" + plan.upstream_query if plan.upstream_query else "")
     for name in ("REQUEST_URI", "RAW_URI"):
         if name in upstream:
             upstream[name] = target

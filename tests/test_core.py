@@ -6,7 +6,7 @@ import pytest
 
 from imageguard import Settings
 from imageguard.core import PASS, Core, FillPlan, Hit, Request, canonical_transform, normalise_path
-from imageguard.errors import BadRequest, InvalidSignature
+from imageguard.errors import BadRequest, InvalidImage, InvalidSignature
 from imageguard.raster import Transform
 from tests.support import SECRET
 
@@ -196,3 +196,27 @@ def test_remembered_route_forgets_after_purge_all(core: Core) -> None:
     second = core.decide(Request("GET", "/a.png"))
     assert isinstance(first, FillPlan) and isinstance(second, FillPlan)
     assert first.key != second.key
+
+
+def test_body_limit_counts_declared_and_read_bytes() -> None:
+    from imageguard.core import BodyLimit
+
+    budget = BodyLimit(10)
+    budget.declared([("Content-Type", "image/png"), ("Content-Length", "10")])
+    with pytest.raises(InvalidImage) as info:
+        budget.declared([("content-length", "11")])
+    assert info.value.reason == "too_large"
+    budget.add(b"x" * 10)
+    with pytest.raises(InvalidImage):
+        budget.add(b"y")
+
+
+def test_fill_host_is_the_servers_own_name_unless_keyed(core: Core) -> None:
+    plan = core.decide(Request("GET", "/a.png", host="evil.example"))
+    assert isinstance(plan, FillPlan)
+    assert plan.host("127.0.0.1", 8000) == "127.0.0.1:8000"
+    assert plan.host("img.example", "443") == "img.example"
+    keyed = Core(Settings(secret_key=SECRET, key_hosts="a.example")).decide(
+        Request("GET", "/a.png", host="A.example")
+    )
+    assert isinstance(keyed, FillPlan) and keyed.host("127.0.0.1", 80) == "a.example"
