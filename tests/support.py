@@ -94,7 +94,7 @@ class Upstream:
             if any(h in headers for h in ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")):
                 return 405, b"method not allowed", "text/plain", {}
         if name not in self.files:
-            return 404, b"no such image", "text/plain", {}
+            return 404, b"no such image", "text/plain", {"Set-Cookie": "session=on-a-404; Path=/"}
         body, content_type = self.files[name]
         # Reflect unkeyed inputs the way vulnerable apps do: if any of them
         # reached us, the served bytes would differ.

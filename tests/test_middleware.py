@@ -431,6 +431,7 @@ def test_upstream_404_passes_with_no_store(make_client: MakeClient, upstream: Up
     assert result.body == b"no such image"
     assert result.headers["Cache-Control"] == "no-store"
     assert result.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Set-Cookie" not in result.headers  # the app set one: a guarded path never does
     client.get("/static/missing.png")
     assert upstream.calls_to("/static/missing.png") == 2  # never cached
 
