@@ -227,3 +227,19 @@ def is_html_safe(body: bytes) -> list[str]:
     """
     document = html5lib.parse(body.decode("utf-8"), treebuilder="etree", namespaceHTMLElements=True)
     return _tree_violations(document, html_parsed=True)
+
+
+#: The corpus's benign controls (shared/corpus/README.md): they must be accepted
+#: and keep their drawing. By corpus set, file stems.
+BENIGN_CONTROLS: dict[str, tuple[str, ...]] = {
+    "borewit": (
+        "circle",
+        "circleBlink",
+        "friendly",
+        "Flag_of_the_United_States",
+        "S",
+        "style",
+        "style-empty",
+    ),
+    "darylldoyle": ("ariaDataTest",),
+}

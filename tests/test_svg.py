@@ -29,7 +29,7 @@ from imageguard import svg_policy
 from imageguard.errors import InvalidImage
 from imageguard.raster import RasterLimits, sniff
 from imageguard.svg import SVG_NS, XLINK_NS, SanitizedSvg, SvgLimits, sanitize_svg
-from tests.svg_rule import is_html_safe, is_svg_safe
+from tests.svg_rule import BENIGN_CONTROLS, is_html_safe, is_svg_safe
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 XHTML_NS = "http://www.w3.org/1999/xhtml"
@@ -1456,15 +1456,7 @@ def test_corpus_document_is_refused_or_safe(corpus_dir: Path, name: str, limits:
         assert b"/etc/passwd" not in result.body
 
 
-BENIGN_BOREWIT = [
-    "circle",
-    "circleBlink",
-    "friendly",
-    "Flag_of_the_United_States",
-    "S",
-    "style",
-    "style-empty",
-]
+BENIGN_BOREWIT = list(BENIGN_CONTROLS["borewit"])
 
 
 @pytest.mark.corpus

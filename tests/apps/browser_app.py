@@ -37,6 +37,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from imageguard import ImageGuardMiddleware, Settings
+from tests.svg_rule import BENIGN_CONTROLS
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -49,18 +50,7 @@ WRAP_OPEN = f'<svg xmlns="{SVG_NS}" xmlns:xlink="http://www.w3.org/1999/xlink" w
 WRAP_CLOSE = "\n</svg>\n"
 
 #: Benign controls: must be served (200) and must still draw something.
-BENIGN_CORPUS = {
-    "borewit": (
-        "circle",
-        "circleBlink",
-        "friendly",
-        "Flag_of_the_United_States",
-        "S",
-        "style",
-        "style-empty",
-    ),
-    "darylldoyle": ("ariaDataTest",),
-}
+BENIGN_CORPUS = BENIGN_CONTROLS
 
 #: Whole-file sets: (set name, folder under the corpus, glob).
 FILE_SETS = (
