@@ -18,8 +18,8 @@ from imageguard.core import Core, Request, parse_transform
 from imageguard.signing import canonical_form
 
 SECRET = "benchmark-secret-key-0123456789"
-CALLS = 20_000
-ROUNDS = 7
+CALLS = 2_000
+BLOCKS = 61
 
 
 def run() -> list[dict[str, object]]:
@@ -42,28 +42,33 @@ def run() -> list[dict[str, object]]:
     def remembered() -> None:  # what a repeated URL costs: the verified route is remembered
         core.route(request)
 
+    # Short blocks, alternated, and the median of the per-block ratios: a burst
+    # of load from a neighbour on a shared machine then skews one pair, not the result.
     samples: dict[str, list[float]] = {"ours": [], "bare": [], "remembered": []}
-    for _ in range(ROUNDS):  # interleaved
+    for _ in range(BLOCKS):
         for name, fn in (("bare", bare), ("ours", ours), ("remembered", remembered)):
             started = time.perf_counter()
             for _ in range(CALLS):
                 fn()
             samples[name].append((time.perf_counter() - started) / CALLS)
-    base, mine = statistics.median(samples["bare"]), statistics.median(samples["ours"])
+    base = statistics.median(samples["bare"])
+    mine = statistics.median(samples["ours"])
     memo = statistics.median(samples["remembered"])
+    ratio = statistics.median(o / b for o, b in zip(samples["ours"], samples["bare"], strict=True))
+    memo_ratio = statistics.median(m / b for m, b in zip(samples["remembered"], samples["bare"], strict=True))
     return [
         {
             "name": "verify signature + derive key (uncached) vs bare HMAC-SHA256",
             "baseline_s": base,
             "imageguard_s": mine,
-            "ratio": mine / base,
+            "ratio": ratio,
             "target": "<= 2x",
         },
         {
             "name": "signed request, verified route remembered vs bare HMAC-SHA256",
             "baseline_s": base,
             "imageguard_s": memo,
-            "ratio": memo / base,
+            "ratio": memo_ratio,
             "target": "<= 2x",
         },
     ]
@@ -74,5 +79,5 @@ if __name__ == "__main__":
         base, mine = float(row["baseline_s"]), float(row["imageguard_s"])  # type: ignore[arg-type]
         print(
             f"{row['name']}: bare {base * 1e6:.2f} us, imageguard {mine * 1e6:.2f} us, "
-            f"ratio {mine / base:.2f}x (target {row['target']})"
+            f"ratio {float(row['ratio']):.2f}x (target {row['target']})"  # type: ignore[arg-type]
         )

@@ -15,38 +15,84 @@ are already in pages and CDNs.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 
 from itsdangerous import Signer
-from itsdangerous.encoding import base64_encode, want_bytes
+from itsdangerous.encoding import want_bytes
 from itsdangerous.signer import HMACAlgorithm
 
 #: itsdangerous salt: separates URL signatures from any other use of the key.
 SALT = b"imageguard.url"
+#: Length of ``s``: URL-safe base64 of a SHA-256 digest, without padding.
+SIGNATURE_LENGTH = 43
 #: Salt of the cache-key HMAC, so a cache key can never double as a URL signature.
 KEY_SALT = b"imageguard.key"
 
 
-class _KeyedHMACAlgorithm(HMACAlgorithm):
-    """itsdangerous's HMAC-SHA256 with the keyed HMAC state set up once per key.
+#: The RFC 2104 pad tables, as CPython's ``hmac`` module builds them.
+_TRANS_36: bytes = bytes(x ^ 0x36 for x in range(256))
+_TRANS_5C: bytes = bytes(x ^ 0x5C for x in range(256))
+#: Standard to URL-safe base64 alphabet (what ``base64.urlsafe_b64encode`` does).
+_URLSAFE: bytes = bytes.maketrans(b"+/", b"-_")
 
-    ``hmac.new`` hashes the key pads on every call; copying a prepared state
-    does not. Same bytes as :class:`HMACAlgorithm` (a test checks both agree).
+
+class PreparedHMAC:
+    """HMAC-SHA256 of one key, with the key's inner and outer states hashed once.
+
+    This is RFC 2104 exactly as CPython's pure-Python ``hmac.HMAC`` does it
+    (``_init_old``): pad the key to the block size, hash ``key ^ ipad`` and
+    ``key ^ opad`` once, and per message copy both states. Copying two SHA-256
+    states costs about a third of ``hmac.new`` or of copying an OpenSSL
+    ``HMAC_CTX``, and signing is on every uncached request. Tests check it
+    against ``hmac.new`` for keys and messages of every length class.
+    """
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\0")
+        #: SHA-256 states after ``key ^ ipad`` and ``key ^ opad``; copy, never update.
+        self.inner = hashlib.sha256(key.translate(_TRANS_36))
+        self.outer = hashlib.sha256(key.translate(_TRANS_5C))
+
+    def digest(self, message: bytes) -> bytes:
+        """``hmac.new(key, message, sha256).digest()``."""
+        inner = self.inner.copy()
+        inner.update(message)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def hexdigest(self, message: bytes) -> str:
+        """``hmac.new(key, message, sha256).hexdigest()``."""
+        inner = self.inner.copy()
+        inner.update(message)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+class _KeyedHMACAlgorithm(HMACAlgorithm):
+    """itsdangerous's HMAC-SHA256 with each key's HMAC state prepared once.
+
+    Same bytes as :class:`HMACAlgorithm` (a test checks both agree).
     """
 
     def __init__(self) -> None:
         super().__init__(hashlib.sha256)
-        self._states: dict[bytes, hmac.HMAC] = {}
+        self._states: dict[bytes, PreparedHMAC] = {}
 
     def get_signature(self, key: bytes, value: bytes) -> bytes:
         state = self._states.get(key)
         if state is None:
-            state = self._states[key] = hmac.new(key, digestmod=self.digest_method)
-        mac = state.copy()
-        mac.update(value)
-        return mac.digest()
+            state = self._states[key] = PreparedHMAC(key)
+        return state.digest(value)
 
 
 class _DerivedKeySigner(Signer):
@@ -100,10 +146,8 @@ class URLSigner:
         # itsdangerous wants the newest key *last*; our settings list it first.
         self._signer = _DerivedKeySigner(list(reversed(ordered)))
         # Derived keys, newest first, for verification (derived once, here).
-        self._verify_keys = [self._signer.derive_key(k) for k in ordered]
-        self._key_hmac = hmac.new(
-            hmac.new(ordered[0], KEY_SALT, hashlib.sha256).digest(), digestmod=hashlib.sha256
-        )
+        self._verify_keys = [PreparedHMAC(self._signer.derive_key(k)) for k in ordered]
+        self._key_hmac = PreparedHMAC(hmac.new(ordered[0], KEY_SALT, hashlib.sha256).digest())
 
     def signature(self, canonical: str) -> str:
         """The ``s`` value for *canonical* (URL-safe base64, no padding)."""
@@ -117,10 +161,16 @@ class URLSigner:
         form so that a request does not pay for decoding and re-wrapping.
         """
         value = canonical.encode("utf-8", "surrogatepass")
-        given = signature.encode("ascii", "replace")
-        algorithm = self._signer.algorithm
-        for key in self._verify_keys:
-            if hmac.compare_digest(base64_encode(algorithm.get_signature(key, value)), given):
+        # itsdangerous's encoding is URL-safe base64 without padding; the padding
+        # is put back on the given side so each key costs one b2a_base64 call.
+        given = signature.encode("ascii", "replace") + b"="
+        compare, encode = hmac.compare_digest, binascii.b2a_base64
+        for key in self._verify_keys:  # PreparedHMAC.digest, inlined: this runs per request
+            inner = key.inner.copy()
+            inner.update(value)
+            outer = key.outer.copy()
+            outer.update(inner.digest())
+            if compare(encode(outer.digest(), newline=False).translate(_URLSAFE), given):
                 return True
         return False
 
@@ -130,6 +180,8 @@ class URLSigner:
         Derived from the first key only, so every instance sharing the key
         agrees on keys; clients cannot compute or choose one.
         """
-        mac = self._key_hmac.copy()
-        mac.update(material.encode("utf-8", "surrogatepass"))
-        return mac.hexdigest()
+        inner = self._key_hmac.inner.copy()  # PreparedHMAC.hexdigest, inlined: per request
+        inner.update(material.encode("utf-8", "surrogatepass"))
+        outer = self._key_hmac.outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()

@@ -271,6 +271,28 @@ def test_signed_transform(make_client: MakeClient, upstream: Upstream) -> None:
     assert upstream.calls[-1]["query"] == ""  # transforms never reach the app
 
 
+def test_source_params_are_forwarded_keyed_and_nothing_else(make_client: MakeClient, upstream: Upstream) -> None:
+    # IMAGEGUARD_SOURCE_PARAMS: the named upstream parameters reach the app in one
+    # canonical spelling and are part of the key; any other name is refused.
+    path = upstream.add("v.png", png(40, 20), "image/png")
+    client = make_client(upstream, source_params="v,lang")
+    assert_clean_image(client.get(path + "?v=a+b%2Fc&lang=de"), "png")
+    assert upstream.calls[-1]["query"] == "lang=de&v=a%20b%2Fc"  # sorted, one encoding
+    assert_clean_image(client.get(path + "?lang=de&v=a%20b/c"), "png")  # the same value, spelled otherwise
+    assert upstream.calls_to(path) == 1  # ... is the same entry
+    assert_clean_image(client.get(path + "?v=2&lang=de"), "png")
+    assert upstream.calls_to(path) == 2  # another value is another entry
+    assert upstream.calls[-1]["query"] == "lang=de&v=2"
+    assert_rejected(client.get(path + "?v=2&utm_source=x"), 400, "unknown_param")
+    assert_rejected(client.get(path + "?v=2&v=3"), 400, "duplicate_param")
+    signed = client.url(path, w=20, v="2")
+    image = assert_clean_image(client.get(signed), "png")
+    assert image.size == (20, 10)
+    assert upstream.calls[-1]["query"] == "v=2"  # transforms stay out, the source value goes on
+    assert_rejected(client.get(signed.replace("v=2", "v=3")), 403, "bad_signature")  # v is signed
+    assert upstream.calls_to(path) == 3
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
