@@ -10,6 +10,7 @@ import pytest
 
 from imageguard import Settings
 from tests.drivers import ADAPTERS, MakeClient
+from tests.redis_server import RedisServer, redis_server
 from tests.support import SECRET, Upstream
 
 #: ../shared/corpus relative to the repository root (absent in a user's fresh clone).
@@ -44,3 +45,18 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[MakeClient]:
 @pytest.fixture
 def upstream() -> Upstream:
     return Upstream()
+
+
+@pytest.fixture(scope="session")
+def redis_service() -> Iterator[RedisServer]:
+    """One real ``redis-server`` for the session (skips where it is not installed)."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_service: RedisServer) -> str:
+    """The session's Redis, emptied (FLUSHALL) for this test."""
+    redis_service.start()  # a test may have stopped it
+    redis_service.flushall()
+    return redis_service.url
