@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import PIL
 
-from benchmarks import bench_asgi, bench_hit, bench_raster, bench_signing, bench_svg
+from benchmarks import bench_asgi, bench_hit, bench_raster, bench_signing, bench_svg, bench_tiers
 
 
 def main() -> int:
@@ -31,6 +31,7 @@ def main() -> int:
         *bench_raster.run(),
         *bench_svg.run(),
         *bench_signing.run(),
+        *bench_tiers.run(),
         *bench_asgi.run(),
     ]
     width = max(len(str(row["name"])) for row in rows)

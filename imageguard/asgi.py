@@ -174,9 +174,14 @@ class ImageGuardMiddleware(GuardFacade):
             task.exception()  # retrieved: waiters re-raise it; no "never retrieved" noise
 
     async def _fill(self, scope: Scope, plan: FillPlan) -> Outcome:
-        entry = self._core().lookup(plan.key)
+        core = self._core()
+        entry = core.lookup(plan.key)
         if entry is not None:
             return entry
+        if core.lower:  # disk and Redis block: never on the event loop
+            entry = await asyncio.to_thread(core.lookup_lower, plan)
+            if entry is not None:
+                return entry
         try:
             status, headers, body = await asyncio.wait_for(
                 self._call_upstream(scope, plan), self.upstream_timeout
@@ -257,10 +262,11 @@ class ImageGuardMiddleware(GuardFacade):
         return status, headers, b"".join(chunks)
 
     def close(self) -> None:
-        """Stop the worker threads (tests, reloads)."""
+        """Stop the worker threads and close the disk and Redis tiers (tests, reloads)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+        self.close_tiers()
 
 
 def image_url(request: Any, path: str, /, **params: object) -> str:

@@ -5,8 +5,11 @@
 ``sign PATH``   print a signed URL (needs IMAGEGUARD_SECRET_KEY)
 ``keygen``      print a new secret key
 ``config``      print the effective settings, secrets redacted
+``cache stats|verify|purge``  the disk (L2) and Redis (L3) tiers of IMAGEGUARD_DISK_CACHE_DIR
+                and IMAGEGUARD_REDIS_URL
 
-Exit codes: 0 success, 1 a scanned file was rejected, 2 usage or configuration error.
+Exit codes: 0 success, 1 a scanned file was rejected or a cache entry is
+tampered, 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print the effective settings (secrets redacted)")
     config.add_argument("--json", action="store_true", help="as JSON")
+
+    cache = commands.add_parser("cache", help="inspect, verify or purge the disk and Redis tiers")
+    actions = cache.add_subparsers(dest="action", required=True)
+    stats = actions.add_parser("stats", help="entries, bytes and counters of each tier")
+    stats.add_argument("--json", action="store_true", help="as JSON")
+    actions.add_parser("verify", help="check every entry's integrity tag; exit 1 if any is tampered")
+    purge = actions.add_parser("purge", help="drop entries from every tier and every instance")
+    target = purge.add_mutually_exclusive_group(required=True)
+    target.add_argument("--path", help="every variant of this source path (/static/cat.jpg)")
+    target.add_argument("--key", help="one entry by its cache key")
+    target.add_argument("--all", action="store_true", help="everything (bumps the generation)")
     return parser
 
 
@@ -101,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _scan(settings, args, err)
         if args.command == "serve":
             return _serve(settings, args, err)
+        if args.command == "cache":
+            return _cache(settings, args, err)
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/] {exc}", highlight=False)
         return 2
@@ -141,7 +157,7 @@ def _sign(settings: Settings, args: argparse.Namespace, err: Console) -> int:
             return 2
         params[name] = value
     try:
-        print(Core(settings.replace(cache_bytes=0)).url(args.path, **params))
+        print(Core(settings.replace(cache_bytes=0), lower=()).url(args.path, **params))
     except (ValueError, Rejected) as exc:
         err.print(f"[red]cannot sign:[/] {exc}", highlight=False)
         return 2
@@ -149,7 +165,7 @@ def _sign(settings: Settings, args: argparse.Namespace, err: Console) -> int:
 
 
 def _scan(settings: Settings, args: argparse.Namespace, err: Console) -> int:
-    core = Core(settings.replace(cache_bytes=0))
+    core = Core(settings.replace(cache_bytes=0), lower=())  # offline: stores nothing
     try:
         transform = parse_transform(_transform_params(args), max_side=settings.max_side)
     except Rejected as exc:
@@ -197,6 +213,72 @@ def _scan(settings: Settings, args: argparse.Namespace, err: Console) -> int:
     if len(args.files) > 1:
         out.print(f"{len(args.files) - rejected} clean, {rejected} rejected", highlight=False)
     return 1 if rejected else 0
+
+
+def _cache(settings: Settings, args: argparse.Namespace, err: Console) -> int:
+    if settings.disk_cache_dir is None and settings.redis_url is None:
+        err.print(
+            "[red]no cache tier configured:[/] set IMAGEGUARD_DISK_CACHE_DIR and/or IMAGEGUARD_REDIS_URL"
+        )
+        return 2
+    if settings.ephemeral_key:
+        err.print(
+            "[red]IMAGEGUARD_SECRET_KEY is not set:[/] entries are sealed and keyed with the "
+            "servers' key; export the same key here."
+        )
+        return 2
+    core = Core(settings.replace(cache_bytes=0), listen=False)
+    try:
+        if args.action == "stats":
+            return _cache_stats(core, as_json=args.json)
+        if args.action == "verify":
+            return _cache_verify(core, err)
+        return _cache_purge(core, args, err)
+    finally:
+        core.close()
+
+
+def _cache_stats(core: Core, *, as_json: bool) -> int:
+    tiers = {tier.name: tier.stats() for tier in core.lower}
+    if as_json:
+        print(json.dumps({"generation": core.generation, **tiers}, indent=2, default=str))
+        return 0
+    table = Table("tier", "counter", "value", title=f"imageguard cache (generation {core.generation})")
+    for name, counters in tiers.items():
+        for counter, value in counters.items():
+            table.add_row(name, counter, str(value))
+    Console().print(table)
+    return 0
+
+
+def _cache_verify(core: Core, err: Console) -> int:
+    # Plain print(): one line per finding, never wrapped, for grep and for logs.
+    checked = tampered = 0
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+        for tier in core.lower:
+            task = progress.add_task(f"verifying {tier.name}", total=None)
+            for key, detail in tier.verify():
+                checked += 1
+                if detail is not None:
+                    tampered += 1
+                    print(f"TAMPERED {tier.name} {key}: {detail}", flush=True)
+                progress.advance(task)
+    print(f"{checked} entries checked, {tampered} tampered")
+    return 1 if tampered else 0
+
+
+def _cache_purge(core: Core, args: argparse.Namespace, err: Console) -> int:
+    if args.all:
+        core.purge_all()
+        print(f"purged everything (generation {core.generation})")
+        return 0
+    try:
+        removed = core.purge(path=args.path) if args.path is not None else core.purge(key=args.key)
+    except ValueError as exc:
+        err.print(f"[red]cannot purge:[/] {exc}", highlight=False)
+        return 2
+    print(f"purged {removed} entr{'y' if removed == 1 else 'ies'}")
+    return 0
 
 
 def _serve(settings: Settings, args: argparse.Namespace, err: Console) -> int:

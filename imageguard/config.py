@@ -145,6 +145,9 @@ class Settings:
     log_format: str = "text"
     #: ``Cross-Origin-Resource-Policy`` on served images, or ``off`` to send none.
     cross_origin_resource_policy: str = "same-site"
+    #: Send the source path's hash for CDN purges: ``off``, ``surrogate-key``
+    #: (Fastly), ``cache-tag`` (Cloudflare, Akamai) or ``both``.
+    surrogate_key: str = "off"
     #: True when :attr:`secret_key` was generated for this process: signed URLs and
     #: stored entries will not survive a restart or work across processes.
     ephemeral_key: bool = field(init=False, default=False)
@@ -183,6 +186,7 @@ class Settings:
             queue: int | str = ...,
             log_format: str = ...,
             cross_origin_resource_policy: str = ...,
+            surrogate_key: str = ...,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -703,5 +707,9 @@ _FIELDS: dict[str, tuple[Callable[[object], object], str]] = {
     "cross_origin_resource_policy": (
         _choice("same-site", "same-origin", "cross-origin", "off"),
         "one of same-site, same-origin, cross-origin, off",
+    ),
+    "surrogate_key": (
+        _choice("off", "surrogate-key", "cache-tag", "both"),
+        "one of off, surrogate-key, cache-tag, both",
     ),
 }

@@ -30,17 +30,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final, cast
 from urllib.parse import quote, unquote, unquote_plus, unquote_to_bytes
 
+from .cache import RecordTier
+from .cache.envelope import Record, Sealer, source_hash
 from .cache.memory import MemoryCache
 from .config import Settings
 from .errors import BadRequest, InvalidImage, InvalidSignature, Rejected
@@ -251,6 +255,22 @@ class Entry:
     #: The same headers, latin-1 encoded, as ASGI wants them.
     raw_headers: list[tuple[bytes, bytes]] = field(repr=False)
     raw_headers_304: list[tuple[bytes, bytes]] = field(repr=False)
+    #: The upstream's ``Last-Modified`` (HTTP date), the one upstream header kept.
+    last_modified: str | None = None
+    #: :func:`~imageguard.cache.envelope.source_hash` of :attr:`source_path`.
+    source_hash: str = ""
+
+    def record(self) -> Record:
+        """What the lower tiers store for this entry (headers are rebuilt on read)."""
+        return Record(
+            key=self.key,
+            content_type=self.content_type,
+            etag=self.etag,
+            source_path=self.source_path,
+            last_modified=self.last_modified,
+            created=self.created,
+            body=self.body,
+        )
 
     def matches(self, if_none_match: str | None) -> bool:
         """Whether ``If-None-Match`` names this entry (weak comparison, RFC 9110 §13.1.2)."""
@@ -299,6 +319,8 @@ class FillPlan:
     client: str | None
     #: ``fmt`` was chosen from ``Accept`` (IMAGEGUARD_NEGOTIATE), not signed in the URL.
     negotiated: bool = False
+    #: The purge generation the key was derived in; a fill from an older one is not stored.
+    generation: int = 0
 
     @property
     def raw_path(self) -> str:
@@ -472,7 +494,12 @@ class Core:
 
     :param settings: validated settings.
     :param cache: the L1 tier; built from the settings when not given.
+    :param lower: the L2/L3 tiers, fastest first; built from the settings
+        (``IMAGEGUARD_DISK_CACHE_DIR``, ``IMAGEGUARD_REDIS_URL``) when not given.
+    :param listen: hear other instances' purges (Redis pub/sub); the command
+        line only publishes.
     :param clock: wall clock in seconds (signature expiry), injectable for tests.
+    :raises ~imageguard.errors.ConfigError: the disk cache directory is unsafe.
     """
 
     def __init__(
@@ -480,6 +507,8 @@ class Core:
         settings: Settings,
         *,
         cache: MemoryCache | None = None,
+        lower: Sequence[RecordTier] | None = None,
+        listen: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -490,6 +519,18 @@ class Core:
         self.clock = clock
         self.generation = 0
         self._generation_lock = threading.Lock()
+        #: Seals L2/L3 entries and purge messages with the first (signing) key.
+        self.sealer = Sealer(settings.secret_key[0])
+        self.lower: tuple[RecordTier, ...] = tuple(lower) if lower is not None else self._build_lower()
+        self._shared = next((t for t in self.lower if hasattr(t, "publish")), None)
+        if self._shared is not None:
+            shared: Any = self._shared
+            generation = shared.generation()
+            if generation is not None:
+                self.generation = generation
+            if listen:
+                shared.start_listener()
+                _restart_listener_after_fork(self)
         self.limits = RasterLimits(
             max_pixels=settings.max_pixels,
             max_side=settings.max_side,
@@ -522,6 +563,35 @@ class Core:
         if settings.cross_origin_resource_policy != "off":
             common.append(("Cross-Origin-Resource-Policy", settings.cross_origin_resource_policy))
         self._common_headers: Headers = tuple(common)
+        self._surrogate_names: tuple[str, ...] = {
+            "off": (),
+            "surrogate-key": ("Surrogate-Key",),
+            "cache-tag": ("Cache-Tag",),
+            "both": ("Surrogate-Key", "Cache-Tag"),
+        }[settings.surrogate_key]
+
+    def _build_lower(self) -> tuple[RecordTier, ...]:
+        tiers: list[RecordTier] = []
+        settings = self.settings
+        if settings.disk_cache_dir is not None:
+            from .cache.disk import DiskCache
+
+            tiers.append(
+                DiskCache(settings.disk_cache_dir, settings.disk_cache_bytes, settings.cache_ttl, self.sealer)
+            )
+        if settings.redis_url is not None:
+            from .cache.redis import RedisCache
+
+            tiers.append(
+                RedisCache(
+                    settings.redis_url,
+                    settings.cache_ttl,
+                    self.sealer,
+                    on_purge=self._remote_purge,
+                    on_resync=self._resync,
+                )
+            )
+        return tuple(tiers)
 
     # -- routing -----------------------------------------------------------------
 
@@ -573,6 +643,7 @@ class Core:
             if_none_match=request.if_none_match,
             client=request.client,
             negotiated=route.negotiated,
+            generation=route.generation,
         )
 
     def negotiate(self, accept: str | None) -> str | None:
@@ -743,6 +814,40 @@ class Core:
         """The cached entry for *key* (the adapters re-check once they lead a fill)."""
         return self.cache.get(key)
 
+    def lookup_lower(self, plan: FillPlan) -> Entry | None:
+        """Look *plan* up in L2, then L3; a verified hit is promoted to the faster tiers.
+
+        Blocking I/O (disk, Redis): the WSGI adapter calls it in the request's
+        thread, the ASGI adapter in a worker thread, both inside the key's
+        single flight. Entries that fail their integrity check are deleted and
+        logged by the tier and count as misses, so the image is filled again.
+        """
+        if not self.lower:
+            return None
+        wanted = source_hash(plan.path)
+        for index, tier in enumerate(self.lower):
+            record = tier.get(plan.key, wanted)
+            if record is None:
+                continue
+            entry = self.entry_from_record(record)
+            self.cache.set(plan.key, entry)
+            for faster in self.lower[:index]:
+                faster.set(record)
+            return entry
+        return None
+
+    def entry_from_record(self, record: Record) -> Entry:
+        """An :class:`Entry` for a verified record, with this instance's headers."""
+        return self._entry(
+            record.key,
+            record.source_path,
+            record.body,
+            record.content_type,
+            record.etag,
+            record.last_modified,
+            record.created,
+        )
+
     def url(self, path: str, /, **params: object) -> str:
         """A signed URL for *path* with transform and source parameters.
 
@@ -810,7 +915,7 @@ class Core:
             return self._complete_svg(plan, headers, body)
         image = sanitize_raster(body, self.limits, plan.transform)
         entry = self.make_entry(plan.key, plan.path, image, headers)
-        self.cache.set(plan.key, entry)
+        self.store(entry, plan.generation)
         return entry
 
     def _complete_svg(self, plan: FillPlan, headers: Sequence[tuple[str, str]], body: bytes) -> Entry:
@@ -829,8 +934,23 @@ class Core:
                 reason, "removed from an SVG", path=plan.path, client=plan.client, key=plan.key[:12]
             )
         entry = self.make_entry(plan.key, plan.path, svg, headers)
-        self.cache.set(plan.key, entry)
+        self.store(entry, plan.generation)
         return entry
+
+    def store(self, entry: Entry, generation: int | None = None) -> None:
+        """Put *entry* in every tier (DESIGN §3 step 10).
+
+        A fill that started before a purge of everything (*generation* older
+        than the current one) is served to its waiters but not stored: its
+        key can never be looked up again, and a shared tier must not keep it.
+        """
+        if generation is not None and generation != self.generation:
+            return
+        self.cache.set(entry.key, entry)
+        if self.lower:
+            record = entry.record()
+            for tier in self.lower:
+                tier.set(record)
 
     def make_entry(
         self,
@@ -841,33 +961,57 @@ class Core:
     ) -> Entry:
         """Build an :class:`Entry`: every header of a hit, computed once."""
         body = image.body
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        return self._entry(
+            key,
+            source_path,
+            body,
+            image.content_type,
+            '"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+            _http_date(_header(upstream_headers, "last-modified")),
+            self.clock(),
+        )
+
+    def _entry(
+        self,
+        key: str,
+        source_path: str,
+        body: bytes,
+        content_type: str,
+        etag: str,
+        last_modified: str | None,
+        created: float,
+    ) -> Entry:
         validators: list[tuple[str, str]] = [("ETag", etag)]
-        last_modified = _http_date(_header(upstream_headers, "last-modified"))
         if last_modified:
             validators.append(("Last-Modified", last_modified))
         if self.settings.negotiate:
             # The same URL answers differently by Accept: caches must key on it.
             validators.append(("Vary", "Accept"))
+        hashed = source_hash(source_path)
+        # A CDN purges every variant of a source by this tag (IMAGEGUARD_SURROGATE_KEY).
+        surrogate = tuple((name, hashed) for name in self._surrogate_names)
         headers = (
-            ("Content-Type", image.content_type),
+            ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             *validators,
             *self._common_headers,
+            *surrogate,
             ("Accept-Ranges", "none"),
         )
-        headers_304 = (*validators, *self._common_headers)
+        headers_304 = (*validators, *self._common_headers, *surrogate)
         return Entry(
             key=key,
             body=body,
-            content_type=image.content_type,
+            content_type=content_type,
             etag=etag,
             source_path=source_path,
             headers=headers,
             headers_304=headers_304,
-            created=self.clock(),
+            created=created,
             raw_headers=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
             raw_headers_304=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers_304],
+            last_modified=last_modified,
+            source_hash=hashed,
         )
 
     def _pass_on(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> Reply:
@@ -898,24 +1042,118 @@ class Core:
     # -- purge ----------------------------------------------------------------
 
     def purge(self, *, key: str | None = None, path: str | None = None) -> int:
-        """Drop one entry by *key*, or every variant of the source *path*."""
+        """Drop one entry by *key*, or every variant of the source *path*, from every tier.
+
+        With Redis, the other instances drop it from their L1 and L2 too.
+
+        :returns: how many entries the fullest tier held.
+        """
         if (key is None) == (path is None):
             raise TypeError("purge() takes exactly one of key= or path=")
         if key is not None:
-            return int(self.cache.delete(key))
+            removed = self._drop_key(key, shared=True)
+            self._publish("key", key)
+            return removed
         assert path is not None  # for mypy; checked above
-        return self.cache.delete_source(path)
+        try:
+            hashed = source_hash(normalise_path(path))
+        except BadRequest as exc:
+            raise ValueError(f"not a path imageguard serves: {path!r} ({exc})") from exc
+        removed = self._drop_source(hashed, shared=True)
+        self._publish("source", hashed)
+        return removed
 
     def purge_all(self) -> None:
-        """Forget everything: bump the generation (old keys can never match) and clear L1."""
+        """Forget everything: bump the generation (old keys can never match) and empty the tiers.
+
+        With Redis the generation is shared (``INCR``), and every instance
+        learns it at once by pub/sub, or when it reconnects.
+        """
+        generation: int | None = None
+        if self._shared is not None:
+            generation = cast(Any, self._shared).bump_generation()
         with self._generation_lock:
-            self.generation += 1
+            self.generation = generation if generation is not None else self.generation + 1
+            current = self.generation
+        self._forget(shared=True)
+        self._publish("all", "", current)
+
+    def _drop_key(self, key: str, *, shared: bool) -> int:
+        counts = [int(self.cache.delete(key))]
+        counts += [int(t.delete(key)) for t in self.lower if shared or t is not self._shared]
+        return max(counts)
+
+    def _drop_source(self, hashed: str, *, shared: bool) -> int:
+        counts = [self.cache.delete_source(hashed)]
+        counts += [t.delete_source(hashed) for t in self.lower if shared or t is not self._shared]
+        return max(counts)
+
+    def _forget(self, *, shared: bool) -> None:
         self._routes.clear()
         self.cache.clear()
+        for tier in self.lower:
+            if shared or tier is not self._shared:
+                tier.clear()
+
+    def _publish(self, op: str, value: str, generation: int | None = None) -> None:
+        if self._shared is None:
+            return
+        from .cache.redis import PurgeMessage
+
+        shared: Any = self._shared
+        shared.publish(
+            PurgeMessage(
+                op=op,  # type: ignore[arg-type]
+                value=value,
+                generation=self.generation if generation is None else generation,
+                origin=shared.origin,
+            )
+        )
+
+    def _remote_purge(self, message: Any) -> None:
+        """A purge made by another instance (pub/sub): drop it here, outside the shared tier."""
+        if message.op == "key":
+            self._drop_key(message.value, shared=False)
+        elif message.op == "source":
+            self._drop_source(message.value, shared=False)
+        elif message.op == "all":
+            self._resync(message.generation)
+
+    def _resync(self, generation: int) -> None:
+        """Catch up with the shared generation (after a purge of everything, or a reconnect)."""
+        with self._generation_lock:
+            if generation == self.generation:
+                return
+            self.generation = generation
+        self._forget(shared=False)
 
     def stats(self) -> dict[str, object]:
         """Cache counters per tier."""
-        return {"generation": self.generation, "l1": self.cache.stats()}
+        out: dict[str, object] = {"generation": self.generation, "l1": self.cache.stats()}
+        for tier in self.lower:
+            out[tier.name] = tier.stats()
+        return out
+
+    def close(self) -> None:
+        """Release the lower tiers' files, connections and threads."""
+        for tier in self.lower:
+            tier.close()
+
+
+def _restart_listener_after_fork(core: Core) -> None:
+    """Restart the pub/sub listener in a forked worker (gunicorn ``--preload``).
+
+    Threads do not survive ``fork()``; without this a preloaded worker would
+    never hear another instance's purge. Held weakly: a discarded core is not kept.
+    """
+    ref = weakref.ref(core)
+
+    def after_in_child() -> None:
+        alive = ref()
+        if alive is not None and alive._shared is not None:
+            cast(Any, alive._shared).start_listener()
+
+    os.register_at_fork(after_in_child=after_in_child)
 
 
 def error_reply(error: Rejected) -> Reply:

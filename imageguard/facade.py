@@ -37,6 +37,11 @@ class GuardFacade:
         """Cache counters per tier."""
         return self._core().stats()
 
+    def close_tiers(self) -> None:
+        """Close the disk and Redis tiers (files, connections, the purge listener)."""
+        if self.core is not None:
+            self.core.close()
+
 
 _warned: set[str] = set()
 
@@ -48,6 +53,14 @@ def warn_about(settings: Settings) -> None:
         logger.warning(
             "IMAGEGUARD_SECRET_KEY is not set: using an ephemeral key. Signed URLs will not "
             "survive a restart or work across processes; run `imageguard keygen`."
+        )
+    shared_tiers = settings.disk_cache_dir is not None or settings.redis_url is not None
+    if settings.ephemeral_key and shared_tiers and "ephemeral-tiers" not in _warned:
+        _warned.add("ephemeral-tiers")
+        logger.warning(
+            "IMAGEGUARD_DISK_CACHE_DIR/IMAGEGUARD_REDIS_URL with an ephemeral key: entries are "
+            "sealed with a key that dies with this process, so no other process (and no "
+            "restart) can use them. Set IMAGEGUARD_SECRET_KEY to the same key everywhere."
         )
     if settings.signing == "off" and "signing-off" not in _warned:
         _warned.add("signing-off")

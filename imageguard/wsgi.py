@@ -87,6 +87,10 @@ class ImageGuard(GuardFacade):
         self._gate = ThreadGate(settings.workers, settings.queue)
         warn_about(settings)
 
+    def close(self) -> None:
+        """Close the disk and Redis tiers (tests, reloads)."""
+        self.close_tiers()
+
     # -- WSGI ------------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -130,6 +134,8 @@ class ImageGuard(GuardFacade):
     def _fill(self, environ: WSGIEnvironment, plan: FillPlan) -> Outcome:
         core = self._core()
         entry = core.lookup(plan.key)  # filled while we waited for the lead
+        if entry is None and core.lower:
+            entry = core.lookup_lower(plan)  # L2, then L3
         if entry is not None:
             return entry
         status, headers, body = self._call_upstream(environ, plan)

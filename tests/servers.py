@@ -73,11 +73,12 @@ def gunicorn(app: str, port: int, threads: int = 40) -> list[str]:
     ]
 
 
-def uvicorn(app: str, port: int) -> list[str]:
+def uvicorn(app: str, port: int, *, factory: bool = False) -> list[str]:
     return [
         sys.executable,
         "-m",
         "uvicorn",
+        *(["--factory"] if factory else []),
         "--host",
         "127.0.0.1",
         "--port",

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from imageguard import Settings
+from imageguard.cache.envelope import source_hash
 from imageguard.cache.memory import ENTRY_OVERHEAD, MemoryCache
 from imageguard.core import Core, Entry
 from imageguard.raster import SanitizedImage
@@ -61,7 +62,7 @@ def test_delete_source_and_stats() -> None:
     cache.set("a1", entry("a1", 10, "/a.png"))
     cache.set("a2", entry("a2", 10, "/a.png"))
     cache.set("b1", entry("b1", 10, "/b.png"))
-    assert cache.delete_source("/a.png") == 2
+    assert cache.delete_source(source_hash("/a.png")) == 2
     assert cache.delete("b1") and not cache.delete("b1")
     cache.get("zz")
     stats = cache.stats()

@@ -130,3 +130,83 @@ def test_serve_runs_on_the_example_images() -> None:
         traversal.read()
         assert traversal.status in (400, 404)
         connection.close()
+
+
+# -- imageguard cache ---------------------------------------------------------------
+
+
+def _fill_tiers(directory: Path, redis_url: str, names: list[str]) -> None:
+    """Store one entry per name in L2 and L3, through a real guard as a server would."""
+    from imageguard import ImageGuard, Settings
+    from tests.support import Upstream
+
+    upstream = Upstream()
+    for name in names:
+        upstream.add(name, png(20, 10), "image/png")
+    app = upstream.app()
+    guard = ImageGuard(
+        app, settings=Settings(secret_key=SECRET, disk_cache_dir=str(directory), redis_url=redis_url)
+    )
+    client = app.test_client()
+    for name in names:
+        assert client.get(f"/static/{name}").status_code == 200
+    guard.close()
+
+
+def test_cache_commands(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "l2"
+    _fill_tiers(directory, redis_url, ["a.png", "b.png"])
+    monkeypatch.setenv("IMAGEGUARD_DISK_CACHE_DIR", str(directory))
+    monkeypatch.setenv("IMAGEGUARD_REDIS_URL", redis_url)
+
+    assert main(["cache", "stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["l2"]["entries"] == 2 and stats["l3"]["entries"] == 2
+
+    assert main(["cache", "verify"]) == 0
+    assert "4 entries checked, 0 tampered" in capsys.readouterr().out
+
+    # Tamper with one L2 file and one Redis value: verify names both and exits 1.
+    files = sorted(p for p in (directory / "v1").rglob("*") if p.is_file())
+    data = bytearray(files[0].read_bytes())
+    data[-1] ^= 1
+    files[0].write_bytes(bytes(data))
+    import redis
+
+    raw = redis.Redis.from_url(redis_url)
+    name = next(iter(raw.scan_iter(match=b"imageguard:*:e:*")))
+    raw.set(name, (raw.get(name) or b"")[:-10])
+    assert main(["cache", "verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"TAMPERED l2 {files[0].name}: bad_tag" in out
+    assert f"TAMPERED l3 {name.decode().rsplit(':', 1)[1]}:" in out
+    assert "4 entries checked, 2 tampered" in out
+
+    assert main(["cache", "purge", "--path", "/static/a.png"]) == 0
+    assert "purged 1 entry" in capsys.readouterr().out
+    assert main(["cache", "purge", "--all"]) == 0
+    assert "purged everything (generation 1)" in capsys.readouterr().out
+    assert not [p for p in (directory / "v1").rglob("*") if p.is_file()]
+    assert list(raw.scan_iter(match=b"imageguard:*:e:*")) == []
+    assert int(raw.get(next(iter(raw.scan_iter(match=b"imageguard:*:gen")))) or 0) == 1
+    raw.close()
+
+
+def test_cache_commands_need_a_tier_and_a_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["cache", "stats"]) == 2
+    assert "no cache tier configured" in capsys.readouterr().err
+    monkeypatch.setenv("IMAGEGUARD_DISK_CACHE_DIR", str(tmp_path / "l2"))
+    monkeypatch.delenv("IMAGEGUARD_SECRET_KEY")
+    assert main(["cache", "verify"]) == 2
+    assert "IMAGEGUARD_SECRET_KEY is not set" in capsys.readouterr().err
+    unsafe = tmp_path / "open"
+    unsafe.mkdir(mode=0o777)
+    unsafe.chmod(0o777)
+    monkeypatch.setenv("IMAGEGUARD_SECRET_KEY", SECRET)
+    monkeypatch.setenv("IMAGEGUARD_DISK_CACHE_DIR", str(unsafe))
+    assert main(["cache", "stats"]) == 2
+    assert "IMAGEGUARD_DISK_CACHE_DIR" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_variables_map_every_field_to_its_environment_variable() -> None:
     assert VARIABLES["secret_key"] == "IMAGEGUARD_SECRET_KEY"
     assert "ephemeral_key" not in VARIABLES
     assert set(VARIABLES) == {f.name for f in dataclasses.fields(Settings) if f.init}
-    assert len(VARIABLES) == 28  # 26 from DESIGN §10 + CROSS_ORIGIN_RESOURCE_POLICY + SVG_DATA_IMAGES
+    assert len(VARIABLES) == 29  # DESIGN §10 (26) + CORP, SVG_DATA_IMAGES, SURROGATE_KEY
 
 
 # -- defaults (DESIGN §10) -----------------------------------------------------------
@@ -73,6 +73,7 @@ DEFAULTS: list[tuple[str, object]] = [
     ("queue", 64),
     ("log_format", "text"),
     ("cross_origin_resource_policy", "same-site"),
+    ("surrogate_key", "off"),
 ]
 
 
@@ -149,6 +150,7 @@ PARSED: list[Any] = [
     pytest.param("LOG_FORMAT", "json", "json", id="log_format"),
     pytest.param("CROSS_ORIGIN_RESOURCE_POLICY", "cross-origin", "cross-origin", id="corp"),
     pytest.param("CROSS_ORIGIN_RESOURCE_POLICY", "off", "off", id="corp-off"),
+    pytest.param("SURROGATE_KEY", "Cache-Tag", "cache-tag", id="surrogate-key"),
 ]
 
 
@@ -360,6 +362,7 @@ BAD: list[Any] = [
     pytest.param("QUEUE", "-1", id="queue"),
     pytest.param("LOG_FORMAT", "xml", id="log_format"),
     pytest.param("CROSS_ORIGIN_RESOURCE_POLICY", "anywhere", id="corp"),
+    pytest.param("SURROGATE_KEY", "x-tags", id="surrogate-key"),
 ]
 
 

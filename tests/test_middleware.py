@@ -271,7 +271,9 @@ def test_signed_transform(make_client: MakeClient, upstream: Upstream) -> None:
     assert upstream.calls[-1]["query"] == ""  # transforms never reach the app
 
 
-def test_source_params_are_forwarded_keyed_and_nothing_else(make_client: MakeClient, upstream: Upstream) -> None:
+def test_source_params_are_forwarded_keyed_and_nothing_else(
+    make_client: MakeClient, upstream: Upstream
+) -> None:
     # IMAGEGUARD_SOURCE_PARAMS: the named upstream parameters reach the app in one
     # canonical spelling and are part of the key; any other name is refused.
     path = upstream.add("v.png", png(40, 20), "image/png")

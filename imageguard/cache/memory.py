@@ -73,9 +73,10 @@ class MemoryCache:
         with self._lock:
             return self._cache.pop(key, None) is not None
 
-    def delete_source(self, path: str) -> int:
+    def delete_source(self, source_hash: str) -> int:
+        """Remove every variant of the source whose path hashes to *source_hash*."""
         with self._lock:
-            doomed = [k for k, e in self._cache.items() if e.source_path == path]
+            doomed = [k for k, e in self._cache.items() if e.source_hash == source_hash]
             for key in doomed:
                 del self._cache[key]
             return len(doomed)
