@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import shutil
 import struct
+import subprocess
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pytest
 from flask import Flask, Response, request
 from PIL import Image
 
@@ -196,3 +203,35 @@ def starlette_app(upstream: Upstream, app_class: Any = None) -> Any:
             Route("/api/data.json", data, methods=["GET", "POST"]),
         ]
     )
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Make *folder* and everything in it refuse changes for real, even to root.
+
+    As root, permission bits do not stop writes, so the tree is made immutable
+    (``chattr -R +i``): ``mkdir``, ``open(O_CREAT)``, ``unlink`` and ``rename``
+    in it fail with EPERM, as on a read-only mount. Not root: mode 0500 on
+    every directory gives EACCES.
+    """
+    folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())]
+    if os.geteuid() != 0:
+        for path in folders:
+            os.chmod(path, 0o500)
+        try:
+            yield
+        finally:
+            for path in folders:
+                os.chmod(path, 0o700)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        pytest.skip("chattr not installed: no way to make a directory read-only for root")
+    done = subprocess.run([chattr, "-R", "+i", os.fspath(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        subprocess.run([chattr, "-R", "-i", os.fspath(folder)], capture_output=True)
+        pytest.skip(f"chattr +i fails here ({done.stderr.strip()}): no read-only directory for root")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-R", "-i", os.fspath(folder)], check=True)

@@ -7,19 +7,17 @@ The tests run as root in CI, where permission bits do not stop writes, so the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import resource
-import shutil
 import stat
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ import pytest
 from imageguard.cache.disk import STALE_TEMP, DiskCache
 from imageguard.cache.envelope import Record, Sealer, source_hash
 from imageguard.errors import ConfigError
+from tests.support import read_only
 
 SECRET = "test-secret-key-0123456789abcdef"
 SEALER = Sealer(SECRET)
@@ -556,38 +555,6 @@ def test_delete_delete_source_and_clear(make: Callable[..., DiskCache], director
 
 
 # -- degrading ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def read_only(folder: Path) -> Iterator[None]:
-    """Make *folder* and everything in it refuse changes for real, even to root.
-
-    As root, permission bits do not stop writes, so the tree is made immutable
-    (``chattr -R +i``): ``mkdir``, ``open(O_CREAT)``, ``unlink`` and ``rename``
-    in it fail with EPERM, as on a read-only mount. Not root: mode 0500 on
-    every directory gives EACCES.
-    """
-    folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())]
-    if os.geteuid() != 0:
-        for path in folders:
-            os.chmod(path, 0o500)
-        try:
-            yield
-        finally:
-            for path in folders:
-                os.chmod(path, 0o700)
-        return
-    chattr = shutil.which("chattr")
-    if chattr is None:
-        pytest.skip("chattr not installed: no way to make a directory read-only for root")
-    done = subprocess.run([chattr, "-R", "+i", os.fspath(folder)], capture_output=True, text=True)
-    if done.returncode != 0:
-        subprocess.run([chattr, "-R", "-i", os.fspath(folder)], capture_output=True)
-        pytest.skip(f"chattr +i fails here ({done.stderr.strip()}): no read-only directory for root")
-    try:
-        yield
-    finally:
-        subprocess.run([chattr, "-R", "-i", os.fspath(folder)], check=True)
 
 
 def test_a_read_only_directory_degrades_with_one_warning_and_recovers(

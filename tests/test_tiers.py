@@ -19,7 +19,7 @@ import redis
 from imageguard.cache.envelope import Record, Sealer, source_hash
 from tests.drivers import MakeClient, Result, assert_clean_image
 from tests.redis_server import redis_server
-from tests.support import SECRET, Upstream, png, reopen
+from tests.support import SECRET, Upstream, png, read_only, reopen
 
 HTML = b"<html><script>alert(document.domain)</script></html>"
 
@@ -299,3 +299,20 @@ def test_redis_outage_is_survived_and_recovered(make_client: MakeClient, upstrea
 
         _eventually(stored_again, timeout=30)
         assert_clean_image(other.get(paths[1]), "png")
+
+
+def test_read_only_disk_tier_never_fails_a_request(
+    make_client: MakeClient, upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stored = upstream.add("stored.png", png(30, 20, colour=(255, 0, 0)), "image/png")
+    client = make_client(upstream, disk_cache_dir=str(tmp_path / "l2"))
+    has_colour((255, 0, 0))(client.get(stored))
+    caplog.set_level(logging.WARNING, "imageguard")
+    fresh = make_client(upstream, disk_cache_dir=str(tmp_path / "l2"))
+    paths = [upstream.add(f"new{n}.png", png(30, 20, colour=(0, 0, 255)), "image/png") for n in range(3)]
+    with read_only(tmp_path / "l2"):
+        has_colour((255, 0, 0))(fresh.get(stored))  # still read from L2
+        for path in paths:  # fills that cannot be stored on disk are still served
+            has_colour((0, 0, 255))(fresh.get(path))
+    warnings = [r for r in caplog.records if r.name == "imageguard" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(tmp_path / "l2") in warnings[0].getMessage()
