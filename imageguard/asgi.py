@@ -29,8 +29,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import Settings
-from .core import FOLLOWER_TIMEOUT, PASS, BodyLimit, Core, Entry, FillPlan, Hit, Outcome, Reply, Request
-from .errors import BadRequest, InvalidImage, Overloaded, Rejected
+from .core import (
+    FOLLOW_ATTEMPTS,
+    FOLLOWER_TIMEOUT,
+    PASS,
+    BodyLimit,
+    Core,
+    Entry,
+    FillPlan,
+    Hit,
+    Outcome,
+    Reply,
+    Request,
+)
+from .errors import BadRequest, InvalidImage, Overloaded, RateLimited, Rejected
 from .events import logger
 from .facade import GuardFacade, warn_about
 from .flight import RETRY_AFTER
@@ -108,20 +120,25 @@ class ImageGuardMiddleware(GuardFacade):
             return
         if not self._registered:
             self._register(scope)
-        headers = _request_headers(scope)
-        client = scope.get("client")
-        request = Request(
-            method=scope.get("method", "GET").upper(),
-            path=path,
-            query=query,
-            raw_path=_raw_path(scope),
-            host=headers.get(b"host", b"").decode("latin-1") or None,
-            if_none_match=headers.get(b"if-none-match", b"").decode("latin-1") or None,
-            client=client[0] if client else None,
-            accept=headers.get(b"accept", b"").decode("latin-1") or None,
-        )
+        peer = scope.get("client")
+        remote = peer[0] if peer else None
+        method = scope.get("method", "GET").upper()
+        request = Request(method=method, path=path, query=query, client=remote)  # until headers are read
         key = None
         try:
+            headers = _request_headers(scope)
+            request = Request(
+                method=method,
+                path=path,
+                query=query,
+                raw_path=_raw_path(scope),
+                host=_header(headers, b"host"),
+                if_none_match=_header(headers, b"if-none-match"),
+                client=core.client_address(
+                    remote, _header(headers, b"x-forwarded-for"), _header(headers, b"forwarded")
+                ),
+                accept=_header(headers, b"accept"),
+            )
             decision = core.decide(request, guarded=True)
             if decision is PASS:
                 await self.app(scope, receive, send)
@@ -152,7 +169,21 @@ class ImageGuardMiddleware(GuardFacade):
     # -- fills ------------------------------------------------------------------------
 
     async def _follow(self, scope: Scope, plan: FillPlan) -> Outcome:
-        """Wait for the fill of ``plan.key``, starting it if nobody has (single-flight)."""
+        """Wait for the fill of ``plan.key``, starting it if nobody has (single-flight).
+
+        A fill refused because *its* client is over the miss rate limit does
+        not limit the other clients that waited on it: they try again, once
+        per attempt, leading the next fill themselves.
+        """
+        for attempt in range(FOLLOW_ATTEMPTS):
+            try:
+                return await self._follow_once(scope, plan)
+            except RateLimited as error:
+                if error.facts.get("client") == plan.client or attempt == FOLLOW_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _follow_once(self, scope: Scope, plan: FillPlan) -> Outcome:
         task = self._fills.get(plan.key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fill(scope, plan))
@@ -182,6 +213,10 @@ class ImageGuardMiddleware(GuardFacade):
             entry = await asyncio.to_thread(core.lookup_lower, plan)
             if entry is not None:
                 return entry
+        if core.limiter is not None and core.limiter.blocking:
+            await asyncio.to_thread(core.charge_fill, plan)  # a Redis round trip: off the loop
+        else:
+            core.charge_fill(plan)
         try:
             status, headers, body = await asyncio.wait_for(
                 self._call_upstream(scope, plan), self.upstream_timeout
@@ -295,11 +330,15 @@ def _raw_path(scope: Scope) -> str | None:
     return bytes(raw).decode("latin-1")
 
 
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    return headers.get(name, b"").decode("latin-1") or None
+
+
 def _request_headers(scope: Scope) -> dict[bytes, bytes]:
     headers: dict[bytes, bytes] = {}
     for name, value in scope.get("headers", ()):
-        if name == b"accept":
-            # A list-valued header: repeated fields combine (RFC 9110 §5.3).
+        if name in (b"accept", b"x-forwarded-for", b"forwarded"):
+            # List-valued headers: repeated fields combine in order (RFC 9110 §5.3).
             headers[name] = headers[name] + b", " + value if name in headers else value
         elif name in (b"host", b"if-none-match"):
             if name in headers:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import os
 import re
 import threading
@@ -47,7 +48,7 @@ from .cache import RecordTier
 from .cache.envelope import Record, Sealer, source_hash
 from .cache.memory import MemoryCache
 from .config import Settings
-from .errors import BadRequest, InvalidImage, InvalidSignature, Rejected
+from .errors import BadRequest, InvalidImage, InvalidSignature, RateLimited, Rejected
 from .events import security_event
 from .raster import (
     CONTENT_TYPES,
@@ -58,6 +59,7 @@ from .raster import (
     sanitize_raster,
     sniff,
 )
+from .ratelimit import MissLimiter
 from .signing import SIGNATURE_LENGTH, URLSigner, canonical_form
 from .svg import SanitizedSvg, SvgLimits, sanitize_svg
 
@@ -173,6 +175,8 @@ _NO_TRANSFORM: Final = Transform()
 ROUTE_MEMO_SIZE: Final = 4096
 #: Seconds a request waits for another thread's fill of the same key.
 FOLLOWER_TIMEOUT: Final = 120.0
+#: Times a request retries a fill that was refused because *another* client was over its miss budget.
+FOLLOW_ATTEMPTS: Final = 3
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]+")
 _SIDE_RE: Final = re.compile(r"[1-9][0-9]{0,5}")
@@ -207,7 +211,7 @@ class Request:
     :param raw_path: the path as sent, percent-encoded, when the server tells it.
     :param host: the ``Host`` header, if any.
     :param if_none_match: the ``If-None-Match`` header, if any.
-    :param client: the client address, for logs.
+    :param client: the client address (:meth:`Core.client_address`): rate limits, logs.
     :param accept: the ``Accept`` header, if any (used only with ``IMAGEGUARD_NEGOTIATE``).
     """
 
@@ -563,6 +567,12 @@ class Core:
         if settings.cross_origin_resource_policy != "off":
             common.append(("Cross-Origin-Resource-Policy", settings.cross_origin_resource_policy))
         self._common_headers: Headers = tuple(common)
+        self.limiter = (
+            MissLimiter(settings.miss_rate, namespace=self.sealer.fingerprint, redis_url=settings.redis_url)
+            if settings.miss_rate is not None
+            else None
+        )
+        self._trusted_proxies = settings.trusted_proxies
         self._surrogate_names: tuple[str, ...] = {
             "off": (),
             "surrogate-key": ("Surrogate-Key",),
@@ -614,6 +624,53 @@ class Core:
                 if part.partition("=")[0] in TRANSFORM_PARAMS:
                     return True
         return False
+
+    # -- clients -----------------------------------------------------------------
+
+    def client_address(
+        self, remote: str | None, forwarded_for: str | None = None, forwarded: str | None = None
+    ) -> str | None:
+        """The client of a request: *remote* unless trusted proxies say otherwise.
+
+        With ``IMAGEGUARD_TRUSTED_PROXIES=n``, the n-th address from the right of
+        ``X-Forwarded-For`` (werkzeug ``ProxyFix(x_for=n)`` semantics: each
+        trusted proxy appended one); without that header, the n-th ``for=`` of
+        ``Forwarded`` (RFC 7239). Fewer hops than trusted, or a value that is not
+        an IP address, leaves *remote*: a client can prepend anything, but it
+        cannot push its own value into the trusted part. With 0 (the default)
+        both headers are ignored.
+        """
+        trusted = self._trusted_proxies
+        if trusted <= 0:
+            return remote
+        if forwarded_for:
+            hops = [part.strip() for part in forwarded_for.split(",")]
+        elif forwarded:
+            hops = _forwarded_for(forwarded)
+        else:
+            return remote
+        if len(hops) < trusted:
+            return remote
+        return _ip(hops[-trusted]) or remote
+
+    def charge_fill(self, plan: FillPlan) -> None:
+        """Charge a fill (an upstream call) to the plan's client (``IMAGEGUARD_MISS_RATE``).
+
+        Called by the adapter that leads a fill, after L2/L3 missed; hits and
+        waiters are never charged.
+
+        :raises RateLimited: the client is over its budget (429 with ``Retry-After``).
+        """
+        if self.limiter is None:
+            return
+        retry_after = self.limiter.charge(plan.client)
+        if retry_after is not None:
+            raise RateLimited(
+                "rate_limited",
+                "too many cache misses from this client",
+                retry_after=retry_after,
+                facts={"client": plan.client},
+            )
 
     # -- request side ------------------------------------------------------------
 
@@ -1032,10 +1089,13 @@ class Core:
         security_event(
             error.reason,
             error.message,
-            status=error.status,
-            path=request.path if request else None,
-            client=request.client if request else None,
-            key=key[:12] if key else None,
+            **{
+                **error.facts,
+                "status": error.status,
+                "path": request.path if request else None,
+                "client": request.client if request else None,
+                "key": key[:12] if key else None,
+            },
         )
         return error_reply(error)
 
@@ -1154,6 +1214,30 @@ def _restart_listener_after_fork(core: Core) -> None:
             cast(Any, alive._shared).start_listener()
 
     os.register_at_fork(after_in_child=after_in_child)
+
+
+def _forwarded_for(header: str) -> list[str]:
+    """The ``for=`` values of a ``Forwarded`` header, in order (RFC 7239)."""
+    hops: list[str] = []
+    for element in header.split(","):
+        for pair in element.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name.strip().lower() == "for":
+                hops.append(value.strip().strip('"'))
+    return hops
+
+
+def _ip(value: str) -> str | None:
+    """*value* as a plain IP address (``[v6]:port`` and ``v4:port`` unwrapped), or ``None``."""
+    text = value.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def error_reply(error: Rejected) -> Reply:

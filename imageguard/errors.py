@@ -60,6 +60,9 @@ class Rejected(ImageGuardError):
     #: Seconds for a ``Retry-After`` header, or ``None`` for none.
     retry_after: int | None = None
 
+    #: Facts for the security event (declared and sniffed type, sizes, ...).
+    facts: dict[str, object]
+
     def __init__(
         self,
         reason: str,
@@ -67,9 +70,11 @@ class Rejected(ImageGuardError):
         *,
         original_error: BaseException | None = None,
         retry_after: int | None = None,
+        facts: dict[str, object] | None = None,
     ) -> None:
         self.reason = reason
         self.original_error = original_error
+        self.facts = dict(facts or {})
         if retry_after is not None:
             self.retry_after = retry_after
         super().__init__(message or reason)
@@ -93,7 +98,11 @@ class InvalidSignature(Rejected):
 
 
 class RateLimited(Rejected):
-    """Too many cache misses from one client (429)."""
+    """Too many cache misses from one client (429).
+
+    ``facts["client"]`` is the client that was charged: a request of another
+    client that waited on the same fill is not limited by it (the adapters retry).
+    """
 
     status = 429
 

@@ -20,8 +20,20 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .config import VARIABLES, Settings
-from .core import FOLLOWER_TIMEOUT, PASS, BodyLimit, Core, Entry, FillPlan, Hit, Outcome, Reply, Request
-from .errors import BadRequest, ConfigError, InvalidImage, Rejected
+from .core import (
+    FOLLOW_ATTEMPTS,
+    FOLLOWER_TIMEOUT,
+    PASS,
+    BodyLimit,
+    Core,
+    Entry,
+    FillPlan,
+    Hit,
+    Outcome,
+    Reply,
+    Request,
+)
+from .errors import BadRequest, ConfigError, InvalidImage, RateLimited, Rejected
 from .events import logger
 from .facade import GuardFacade, warn_about
 from .flight import ThreadFlights, ThreadGate
@@ -109,7 +121,9 @@ class ImageGuard(GuardFacade):
             raw_path=_raw_path(environ),
             host=environ.get("HTTP_HOST"),
             if_none_match=environ.get("HTTP_IF_NONE_MATCH"),
-            client=environ.get("REMOTE_ADDR"),
+            client=core.client_address(
+                environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), environ.get("HTTP_FORWARDED")
+            ),
             accept=environ.get("HTTP_ACCEPT"),
         )
         key = None
@@ -122,7 +136,7 @@ class ImageGuard(GuardFacade):
                 return _send_entry(decision.entry, decision.not_modified, decision.head, start_response)
             assert isinstance(decision, FillPlan)
             key = decision.key
-            outcome = self._flights.run(key, lambda: self._fill(environ, decision), timeout=FOLLOWER_TIMEOUT)
+            outcome = self._follow(environ, decision)
         except Rejected as error:
             return _send_reply(core.reject(error, request, key=key), request.method == "HEAD", start_response)
         if isinstance(outcome, Entry):
@@ -131,6 +145,23 @@ class ImageGuard(GuardFacade):
             )
         return _send_reply(outcome, decision.head, start_response)
 
+    def _follow(self, environ: WSGIEnvironment, plan: FillPlan) -> Outcome:
+        """Lead or wait for the fill of ``plan.key`` (single flight across threads).
+
+        A fill refused because *its* client is over the miss rate limit does
+        not limit the other clients that waited on it: they try again.
+        """
+        def fill() -> Outcome:
+            return self._fill(environ, plan)
+
+        for attempt in range(FOLLOW_ATTEMPTS):
+            try:
+                return self._flights.run(plan.key, fill, timeout=FOLLOWER_TIMEOUT)
+            except RateLimited as error:
+                if error.facts.get("client") == plan.client or attempt == FOLLOW_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _fill(self, environ: WSGIEnvironment, plan: FillPlan) -> Outcome:
         core = self._core()
         entry = core.lookup(plan.key)  # filled while we waited for the lead
@@ -138,6 +169,7 @@ class ImageGuard(GuardFacade):
             entry = core.lookup_lower(plan)  # L2, then L3
         if entry is not None:
             return entry
+        core.charge_fill(plan)  # only now is it a miss that costs the upstream and the CPU
         status, headers, body = self._call_upstream(environ, plan)
         with self._gate.slot():
             return core.complete(plan, status, headers, body)

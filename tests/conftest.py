@@ -32,6 +32,9 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[MakeClient]:
 
     def make(upstream: Upstream, **overrides: Any) -> Any:
         overrides.setdefault("secret_key", SECRET)
+        # The suites make hundreds of fills from one client: the default miss
+        # budget (120/minute) is tested on its own (tests/test_abuse.py).
+        overrides.setdefault("miss_rate", "off")
         client = driver(upstream, Settings(**overrides))
         made.append(client)
         return client

@@ -60,9 +60,11 @@ class WSGIDriver(Driver):
         method: str = "GET",
         headers: dict[str, str] | None = None,
         data: bytes | None = None,
+        client: str = "127.0.0.1",
     ) -> Result:
-        client = self.flask.test_client()
-        response = client.open(url, method=method, headers=headers or {}, data=data)
+        response = self.flask.test_client().open(
+            url, method=method, headers=headers or {}, data=data, environ_overrides={"REMOTE_ADDR": client}
+        )
         return Result(response.status_code, response.headers, response.get_data())
 
 
@@ -96,19 +98,26 @@ class ASGIDriver(Driver):
         method: str = "GET",
         headers: dict[str, str] | None = None,
         data: bytes | None = None,
+        client: str = "127.0.0.1",
     ) -> Result:
-        return self.portal.call(call_asgi, self.app, url, method, headers or {}, data or b"")
+        return self.portal.call(call_asgi, self.app, url, method, headers or {}, data or b"", client)
 
 
 async def call_asgi(
-    app: Any, url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes = b""
+    app: Any,
+    url: str,
+    method: str = "GET",
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    data: bytes = b"",
+    client: str = "127.0.0.1",
 ) -> Result:
     """One request through an ASGI app, with the scope built the way uvicorn builds it."""
     import anyio
     import httpx
 
     raw_path, _, query = url.partition("?")
-    header_list = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    pairs = headers.items() if isinstance(headers, dict) else headers or []  # a list may repeat a name
+    header_list = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
     if not any(name == b"host" for name, _ in header_list):
         header_list.insert(0, (b"host", b"testserver"))
     scope = {
@@ -122,7 +131,7 @@ async def call_asgi(
         "query_string": query.encode("latin-1"),
         "root_path": "",
         "headers": header_list,
-        "client": ("127.0.0.1", 50000),
+        "client": (client, 50000),
         "server": ("testserver", 80),
     }
     sent = False

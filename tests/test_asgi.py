@@ -397,3 +397,16 @@ async def test_hung_upstream_times_out_and_frees_the_key() -> None:
         assert all(r.headers["cache-control"] == "no-store" for r in results)
         upstream.slow.clear()
         assert (await client.get(path)).status_code == 200  # the key was not left wedged
+
+
+@pytest.mark.parametrize("name", ["Host", "If-None-Match"])
+async def test_a_repeated_host_or_validator_is_400_not_a_crash(name: str) -> None:
+    # ASGI hands repeated headers over as they came; two Hosts (or two
+    # If-None-Match) could key one request two ways: refused, never guessed.
+    from tests.drivers import assert_rejected, call_asgi
+
+    upstream = Upstream()
+    path = upstream.add("a.png", png(8, 8), "image/png")
+    result = await call_asgi(guarded(upstream), path, headers=[(name, "a"), (name, "b")])
+    assert_rejected(result, 400, "bad_header")
+    assert upstream.calls == []
