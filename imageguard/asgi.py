@@ -46,6 +46,7 @@ from .errors import BadRequest, InvalidImage, Overloaded, RateLimited, Rejected
 from .events import logger
 from .facade import GuardFacade, warn_about
 from .flight import RETRY_AFTER
+from .logs import configure as configure_logging
 
 __all__ = ["ImageGuardMiddleware", "image_url"]
 
@@ -81,6 +82,7 @@ class ImageGuardMiddleware(GuardFacade):
         #: Seconds the upstream app has to answer a fill (then 502 ``upstream_timeout``).
         self.upstream_timeout = UPSTREAM_TIMEOUT
         warn_about(self.settings)
+        configure_logging(self.settings)
 
     @classmethod
     def from_app(cls, app: Any) -> ImageGuardMiddleware:
@@ -149,6 +151,7 @@ class ImageGuardMiddleware(GuardFacade):
             assert isinstance(decision, FillPlan)
             key = decision.key
             outcome = await self._follow(scope, decision)
+            core.served(outcome)
         except Rejected as error:
             await _send_reply(send, core.reject(error, request, key=key), request.method == "HEAD")
             return
@@ -217,14 +220,18 @@ class ImageGuardMiddleware(GuardFacade):
             await asyncio.to_thread(core.charge_fill, plan)  # a Redis round trip: off the loop
         else:
             core.charge_fill(plan)
+        core.metrics.fill_started()
         try:
-            status, headers, body = await asyncio.wait_for(
-                self._call_upstream(scope, plan), self.upstream_timeout
-            )
-        except asyncio.TimeoutError:
-            # A hung upstream must not hold the key's fill (and its waiters) forever.
-            raise InvalidImage("upstream_timeout", "the upstream app did not answer in time") from None
-        return await self._sanitize(plan, status, headers, body)
+            try:
+                status, headers, body = await asyncio.wait_for(
+                    self._call_upstream(scope, plan), self.upstream_timeout
+                )
+            except asyncio.TimeoutError:
+                # A hung upstream must not hold the key's fill (and its waiters) forever.
+                raise InvalidImage("upstream_timeout", "the upstream app did not answer in time") from None
+            return await self._sanitize(plan, status, headers, body)
+        finally:
+            core.metrics.fill_finished()
 
     async def _sanitize(
         self, plan: FillPlan, status: int, headers: list[tuple[str, str]], body: bytes

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import mimetypes
 import secrets
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -31,6 +31,7 @@ from . import __version__
 from .config import Settings
 from .core import Core, Entry, FillPlan, parse_transform
 from .errors import ConfigError, Rejected
+from .logs import configure_root
 
 #: Files in one scan from which on a progress bar is shown.
 PROGRESS_THRESHOLD = 5
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("directory", type=Path)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--metrics", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT"
+    )
 
     scan = commands.add_parser("scan", help="validate and re-encode files offline")
     scan.add_argument("files", nargs="+", type=Path)
@@ -288,7 +292,22 @@ def _serve(settings: Settings, args: argparse.Namespace, err: Console) -> int:
         err.print(f"[red]not a directory:[/] {args.directory}", highlight=False)
         return 2
     # The library never configures logging; the server is an application, so it does.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_root(settings)
+    if args.metrics is not None:
+        from . import metrics
+
+        if not metrics.AVAILABLE:
+            err.print(f"[red]--metrics:[/] {escape(metrics.INSTALL_HINT)}", highlight=False)
+            return 2
+        try:
+            metrics.start_metrics_server(args.metrics)
+        except (OSError, OverflowError) as exc:  # in use, not allowed, out of range
+            err.print(
+                f"[red]cannot serve metrics on 127.0.0.1:{args.metrics}:[/] {escape(str(exc))}",
+                highlight=False,
+            )
+            return 2
+        print(f"imageguard metrics on http://127.0.0.1:{args.metrics}/metrics", flush=True)
     serve(args.directory, args.host, args.port, settings)
     return 0
 

@@ -36,6 +36,7 @@ import re
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -44,12 +45,14 @@ from http import HTTPStatus
 from typing import Any, Final, cast
 from urllib.parse import quote, unquote, unquote_plus, unquote_to_bytes
 
+from .anomaly import AnomalyDetector
 from .cache import RecordTier
 from .cache.envelope import Record, Sealer, source_hash
 from .cache.memory import MemoryCache
 from .config import Settings
 from .errors import BadRequest, InvalidImage, InvalidSignature, RateLimited, Rejected
 from .events import security_event
+from .metrics import METRICS
 from .raster import (
     CONTENT_TYPES,
     OUTPUT_AVAILABLE,
@@ -359,16 +362,18 @@ class BodyLimit:
         """Refuse before reading when the upstream says up front that it is too large."""
         length = _header(headers, "content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.limit:
-            raise _too_large()
+            raise _too_large(int(length), self.limit)
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
-            raise _too_large()
+            raise _too_large(self.size, self.limit)
 
 
-def _too_large() -> InvalidImage:
-    return InvalidImage("too_large", "the upstream body exceeds IMAGEGUARD_MAX_BYTES")
+def _too_large(size: int | None = None, limit: int | None = None) -> InvalidImage:
+    return InvalidImage(
+        "too_large", "the upstream body exceeds IMAGEGUARD_MAX_BYTES", facts={"size": size, "limit": limit}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,6 +528,12 @@ class Core:
         self.clock = clock
         self.generation = 0
         self._generation_lock = threading.Lock()
+        #: Rejections by reason since start-up (``stats()``), and the rolling view
+        #: that raises an ``anomaly`` event when one reason jumps.
+        self.rejections: Counter[str] = Counter()
+        self._rejections_lock = threading.Lock()
+        self.anomaly = AnomalyDetector()
+        self._flushed: dict[str, int] = {}
         #: Seals L2/L3 entries and purge messages with the first (signing) key.
         self.sealer = Sealer(settings.secret_key[0])
         self.lower: tuple[RecordTier, ...] = tuple(lower) if lower is not None else self._build_lower()
@@ -573,6 +584,8 @@ class Core:
             else None
         )
         self._trusted_proxies = settings.trusted_proxies
+        self.metrics = METRICS
+        self.metrics.watch(self)  # imageguard_cache_bytes{tier}, read at scrape time
         self._surrogate_names: tuple[str, ...] = {
             "off": (),
             "surrogate-key": ("Surrogate-Key",),
@@ -599,6 +612,7 @@ class Core:
                     self.sealer,
                     on_purge=self._remote_purge,
                     on_resync=self._resync,
+                    on_tick=self.flush_counters,
                 )
             )
         return tuple(tiers)
@@ -689,7 +703,10 @@ class Core:
         head = request.method == "HEAD"
         entry = self.cache.get(route.key)
         if entry is not None:
-            return Hit(entry, entry.matches(request.if_none_match), head)
+            not_modified = entry.matches(request.if_none_match)
+            self.metrics.hit("l1")
+            self.metrics.request("not_modified" if not_modified else "hit")
+            return Hit(entry, not_modified, head)
         return FillPlan(
             key=route.key,
             path=route.path,
@@ -887,6 +904,7 @@ class Core:
             if record is None:
                 continue
             entry = self.entry_from_record(record)
+            self.metrics.hit(tier.name)
             self.cache.set(plan.key, entry)
             for faster in self.lower[:index]:
                 faster.set(record)
@@ -954,23 +972,28 @@ class Core:
         if status != 200:
             return self._pass_on(status, headers, body)
         if len(body) > self.settings.max_bytes:
-            raise _too_large()
+            raise _too_large(len(body), self.settings.max_bytes)
         encoding = _header(headers, "content-encoding")
         if encoding and encoding.strip().lower() != "identity":
             raise InvalidImage("unsupported_encoding", "the upstream body is content-encoded")
         declared = (_header(headers, "content-type") or "").partition(";")[0].strip().lower()
         sniffed = sniff(body)
+        facts: dict[str, object] = {"declared": declared or None, "sniffed": sniffed, "size": len(body)}
         if sniffed is None:
-            raise InvalidImage("not_image", "the upstream body is not an image")
+            raise InvalidImage("not_image", "the upstream body is not an image", facts=facts)
         if sniffed not in self.settings.formats or (sniffed != "svg" and sniffed not in self.limits.formats):
-            raise InvalidImage("format_not_allowed", f"{sniffed} images are not allowed")
+            raise InvalidImage("format_not_allowed", f"{sniffed} images are not allowed", facts=facts)
         if DECLARED_TYPES.get(declared) != sniffed:
             raise InvalidImage(
-                "type_mismatch", f"declared {declared or 'no type'} but the bytes are {sniffed}"
+                "type_mismatch", f"declared {declared or 'no type'} but the bytes are {sniffed}", facts=facts
             )
+        started = time.perf_counter()
         if sniffed == "svg":
-            return self._complete_svg(plan, headers, body)
+            entry = self._complete_svg(plan, headers, body)
+            self.metrics.sanitize_seconds("svg", time.perf_counter() - started)
+            return entry
         image = sanitize_raster(body, self.limits, plan.transform)
+        self.metrics.sanitize_seconds(sniffed, time.perf_counter() - started)
         entry = self.make_entry(plan.key, plan.path, image, headers)
         self.store(entry, plan.generation)
         return entry
@@ -1085,7 +1108,12 @@ class Core:
         return Reply(status, out, body)
 
     def reject(self, error: Rejected, request: Request | None = None, *, key: str | None = None) -> Reply:
-        """Log a security event for *error* and build its reply (DESIGN §9)."""
+        """Log a security event for *error*, count it, and build its reply (DESIGN §9)."""
+        with self._rejections_lock:
+            self.rejections[error.reason] += 1
+        self.metrics.rejection(error.reason)
+        self.metrics.request(_OUTCOME_BY_STATUS.get(error.status, "rejected"))
+        self.anomaly.observe(error.reason)
         security_event(
             error.reason,
             error.message,
@@ -1187,12 +1215,56 @@ class Core:
             self.generation = generation
         self._forget(shared=False)
 
+    def served(self, outcome: Outcome) -> None:
+        """Count a request answered by a fill (led or waited for): ``miss`` or ``passed_on``."""
+        self.metrics.request("miss" if isinstance(outcome, Entry) else "passed_on")
+
     def stats(self) -> dict[str, object]:
-        """Cache counters per tier."""
-        out: dict[str, object] = {"generation": self.generation, "l1": self.cache.stats()}
-        for tier in self.lower:
-            out[tier.name] = tier.stats()
+        """Per tier: entries, bytes, hits, misses and hit ratio; rejections by reason.
+
+        ``rejections`` counts since start-up, ``rejections_recent`` over the
+        anomaly detector's rolling window (ten minutes).
+        """
+        out: dict[str, object] = {"generation": self.generation}
+        for name, counters in (("l1", self.cache.stats()), *((t.name, t.stats()) for t in self.lower)):
+            hits, misses = int(counters.get("hits", 0)), int(counters.get("misses", 0))
+            out[name] = {**counters, "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None}
+        with self._rejections_lock:
+            out["rejections"] = dict(self.rejections)
+        out["rejections_recent"] = self.anomaly.counts()
         return out
+
+    def counter_totals(self) -> dict[str, int]:
+        """This instance's counters since start-up, flat (``l1.hits``, ``rejections.bad_signature``)."""
+        totals: dict[str, int] = {}
+        for name, counters in (("l1", self.cache.stats()), *((t.name, t.stats()) for t in self.lower)):
+            for counter in ("hits", "misses", "integrity_failures"):
+                if counter in counters:
+                    totals[f"{name}.{counter}"] = int(counters[counter])
+        with self._rejections_lock:
+            totals.update({f"rejections.{reason}": n for reason, n in self.rejections.items()})
+        return totals
+
+    def flush_counters(self) -> None:
+        """Add what this instance counted since the last flush to the fleet-wide counters in Redis.
+
+        Called about every ten seconds by the Redis listener thread, so
+        ``imageguard cache stats`` shows hit ratios and rejections of every
+        instance. Nothing is lost while Redis is down: the next flush adds it.
+        """
+        if self._shared is None:
+            return
+        totals = self.counter_totals()
+        deltas = {k: v - self._flushed.get(k, 0) for k, v in totals.items() if v != self._flushed.get(k, 0)}
+        if deltas and cast(Any, self._shared).add_counters(deltas):
+            self._flushed = totals
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes used per tier (the metrics collector reads it at scrape time)."""
+        sizes = {"l1": int(self.cache.stats()["bytes"])}
+        for tier in self.lower:
+            sizes[tier.name] = int(tier.stats().get("bytes", 0))
+        return sizes
 
     def close(self) -> None:
         """Release the lower tiers' files, connections and threads."""
@@ -1214,6 +1286,10 @@ def _restart_listener_after_fork(core: Core) -> None:
             cast(Any, alive._shared).start_listener()
 
     os.register_at_fork(after_in_child=after_in_child)
+
+
+#: ``imageguard_requests_total{outcome}`` of a rejection, by status.
+_OUTCOME_BY_STATUS: Final = {429: "rate_limited", 503: "shed"}
 
 
 def _forwarded_for(header: str) -> list[str]:

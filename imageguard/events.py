@@ -25,6 +25,10 @@ def security_event(reason: str, message: str, **facts: Any) -> None:
         sniffed type, sizes); ``None`` values are left out.
     """
     fields = {"reason": reason, **{k: v for k, v in facts.items() if v is not None}}
+    if reason == "integrity_failure":
+        from .metrics import METRICS  # imports nothing heavy; no-op without prometheus_client
+
+        METRICS.integrity_failure(str(facts.get("tier", "other")))
     security_logger.warning(
         "%s: %s (%s)",
         reason,

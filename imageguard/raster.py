@@ -482,21 +482,30 @@ def _skip_doctype(text: str, pos: int) -> int:
 
 
 def _check_size(width: int, height: int, limits: RasterLimits) -> None:
+    size = {"width": width, "height": height}
     if width > limits.max_side or height > limits.max_side:
-        raise InvalidImage("side_too_large", _MESSAGES["side_too_large"])
+        raise InvalidImage(
+            "side_too_large", _MESSAGES["side_too_large"], facts={**size, "limit": limits.max_side}
+        )
     pixels = width * height
     # Pillow's own bomb threshold counts too: its warning is an error here,
     # without touching the warnings filters of the host application.
     pillow_limit = Image.MAX_IMAGE_PIXELS
     if pixels > limits.max_pixels or (pillow_limit is not None and pixels > pillow_limit):
-        raise InvalidImage("too_many_pixels", _MESSAGES["too_many_pixels"])
+        raise InvalidImage(
+            "too_many_pixels", _MESSAGES["too_many_pixels"], facts={**size, "limit": limits.max_pixels}
+        )
 
 
 def _check_frames(frames: int, pixels_per_frame: int, limits: RasterLimits) -> None:
     if frames > limits.max_frames:
-        raise InvalidImage("too_many_frames", _MESSAGES["too_many_frames"])
+        raise InvalidImage("too_many_frames", _MESSAGES["too_many_frames"], facts={"frames": frames})
     if frames * pixels_per_frame > limits.max_total_pixels:
-        raise InvalidImage("too_many_pixels", _MESSAGES["too_many_pixels"])
+        raise InvalidImage(
+            "too_many_pixels",
+            _MESSAGES["too_many_pixels"],
+            facts={"frames": frames, "pixels": pixels_per_frame},
+        )
 
 
 def _precheck(fmt: str, data: bytes, limits: RasterLimits) -> int | None:

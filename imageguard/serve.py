@@ -81,6 +81,7 @@ def serve(
     """Serve *directory* until interrupted; prints the URL first."""
     import uvicorn
 
+    settings = settings or Settings.from_env()
     app = build_app(directory, settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -89,5 +90,13 @@ def serve(
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"imageguard serving {directory} on http://{shown}:{bound}/", flush=True)
-    config = uvicorn.Config(app, proxy_headers=False, server_header=False, log_level="info")
+    config = uvicorn.Config(
+        app,
+        proxy_headers=False,
+        server_header=False,
+        log_level="info",
+        # JSON: uvicorn's own loggers go through the root handler configure_root() set
+        # up, instead of uvicorn's plain-text dictConfig.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+    )
     uvicorn.Server(config).run(sockets=[sock])

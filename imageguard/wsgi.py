@@ -37,6 +37,7 @@ from .errors import BadRequest, ConfigError, InvalidImage, RateLimited, Rejected
 from .events import logger
 from .facade import GuardFacade, warn_about
 from .flight import ThreadFlights, ThreadGate
+from .logs import configure as configure_logging
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -98,6 +99,7 @@ class ImageGuard(GuardFacade):
         self._flights: ThreadFlights[Outcome] = ThreadFlights()
         self._gate = ThreadGate(settings.workers, settings.queue)
         warn_about(settings)
+        configure_logging(settings)
 
     def close(self) -> None:
         """Close the disk and Redis tiers (tests, reloads)."""
@@ -137,6 +139,7 @@ class ImageGuard(GuardFacade):
             assert isinstance(decision, FillPlan)
             key = decision.key
             outcome = self._follow(environ, decision)
+            core.served(outcome)
         except Rejected as error:
             return _send_reply(core.reject(error, request, key=key), request.method == "HEAD", start_response)
         if isinstance(outcome, Entry):
@@ -151,6 +154,7 @@ class ImageGuard(GuardFacade):
         A fill refused because *its* client is over the miss rate limit does
         not limit the other clients that waited on it: they try again.
         """
+
         def fill() -> Outcome:
             return self._fill(environ, plan)
 
@@ -170,9 +174,13 @@ class ImageGuard(GuardFacade):
         if entry is not None:
             return entry
         core.charge_fill(plan)  # only now is it a miss that costs the upstream and the CPU
-        status, headers, body = self._call_upstream(environ, plan)
-        with self._gate.slot():
-            return core.complete(plan, status, headers, body)
+        core.metrics.fill_started()
+        try:
+            status, headers, body = self._call_upstream(environ, plan)
+            with self._gate.slot():
+                return core.complete(plan, status, headers, body)
+        finally:
+            core.metrics.fill_finished()
 
     def _call_upstream(
         self, environ: WSGIEnvironment, plan: FillPlan

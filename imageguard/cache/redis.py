@@ -58,6 +58,8 @@ from .envelope import IntegrityError, Record, Sealer
 SOCKET_TIMEOUT = 0.25
 #: Seconds the purge listener waits for a message before checking whether it should stop.
 LISTENER_POLL = 0.5
+#: Seconds between two ``on_tick`` calls (the core flushes its counters to Redis).
+TICK_INTERVAL = 10.0
 #: Seconds the purge listener waits for Redis to confirm its subscription.
 SUBSCRIBE_TIMEOUT = 2.0
 #: Seconds before the first reconnection of the purge listener (doubling up to the breaker interval).
@@ -262,6 +264,7 @@ class RedisCache:
         *,
         on_purge: Callable[[PurgeMessage], None] | None = None,
         on_resync: Callable[[int], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
         breaker_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -271,6 +274,10 @@ class RedisCache:
         self.ttl = int(ttl)
         self.on_purge = on_purge
         self.on_resync = on_resync
+        #: Called from the listener thread about every :data:`TICK_INTERVAL` seconds
+        #: while Redis is reachable (the core flushes its counters there).
+        self.on_tick = on_tick
+        self._last_tick = time.monotonic()
         self._sealer = sealer
         self._clock = clock
         #: Where every key of this secret lives (the fingerprint is hex: no glob characters).
@@ -282,6 +289,7 @@ class RedisCache:
         self._entries = (self.namespace + "e:").encode()
         self._sources = (self.namespace + "s:").encode()
         self._generation = (self.namespace + "gen").encode()
+        self._counters = (self.namespace + "counters").encode()
         #: Guards every call to Redis (the listener's too).
         self.breaker = CircuitBreaker(f"Redis (L3) at {self.url}", breaker_interval, clock=clock)
         self._client = connect(url)
@@ -471,6 +479,27 @@ class RedisCache:
         """Increment the shared generation counter: the new value, or ``None`` if Redis is unreachable."""
         return self._run(lambda client: int(client.incr(self._generation)), None)
 
+    def add_counters(self, deltas: dict[str, int]) -> bool:
+        """Add *deltas* to the fleet-wide counters (one ``HINCRBY`` each, pipelined); whether it worked."""
+
+        def add(client: redis.Redis) -> bool:
+            pipe = client.pipeline(transaction=False)
+            for name, delta in deltas.items():
+                pipe.hincrby(self._counters, name, delta)
+            pipe.execute()
+            return True
+
+        return bool(deltas) and self._run(add, False)
+
+    def counters(self) -> dict[str, int]:
+        """The fleet-wide counters every instance adds to (empty if Redis is unreachable)."""
+
+        def read(client: redis.Redis) -> dict[str, int]:
+            raw = cast("dict[bytes, bytes]", client.hgetall(self._counters))
+            return {k.decode(): int(v) for k, v in raw.items()}
+
+        return self._run(read, {})
+
     def publish(self, message: PurgeMessage) -> None:
         """Send *message* to the other instances, signed, with :attr:`origin` filled in (best effort)."""
         signed = self._sealer.sign_message(dataclasses.replace(message, origin=self.origin).to_json())
@@ -635,7 +664,7 @@ def _listen(ref: weakref.ReferenceType[RedisCache], stop: threading.Event) -> No
                     return
                 while not stop.is_set():
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTENER_POLL)
-                    if not _hand_over(ref, "message", message):
+                    if not _hand_over(ref, "message", message) or not _hand_over(ref, "tick", None):
                         return
             except UNREACHABLE as exc:
                 breaker.failure(exc)
@@ -677,6 +706,11 @@ def _hand_over(ref: weakref.ReferenceType[RedisCache], kind: str, item: Any) -> 
         return False
     if kind == "resync":
         cache._notify(cache.on_resync, item)
+    elif kind == "tick":
+        now = time.monotonic()
+        if cache.on_tick is not None and now - cache._last_tick >= TICK_INTERVAL:
+            cache._last_tick = now
+            cache._notify(lambda _: cache.on_tick() if cache.on_tick else None, None)
     elif kind == "error":
         cache._error(item)
     elif item is not None:
