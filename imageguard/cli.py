@@ -242,16 +242,59 @@ def _cache(settings: Settings, args: argparse.Namespace, err: Console) -> int:
         core.close()
 
 
+def _fleet(core: Core) -> dict[str, object] | None:
+    """Hit ratio per tier and rejections by reason of every instance (Redis counters), or ``None``."""
+    shared = next((t for t in core.lower if hasattr(t, "counters")), None)
+    if shared is None:
+        return None
+    counters: dict[str, int] = shared.counters()
+    tiers: dict[str, object] = {}
+    for tier in ("l1", "l2", "l3"):
+        hits, misses = counters.get(f"{tier}.hits", 0), counters.get(f"{tier}.misses", 0)
+        if hits or misses:
+            tiers[tier] = {
+                "hits": hits,
+                "misses": misses,
+                "hit_ratio": round(hits / (hits + misses), 4),
+                "integrity_failures": counters.get(f"{tier}.integrity_failures", 0),
+            }
+    rejections = {k.partition(".")[2]: v for k, v in counters.items() if k.startswith("rejections.")}
+    return {"tiers": tiers, "rejections": dict(sorted(rejections.items(), key=lambda kv: -kv[1]))}
+
+
 def _cache_stats(core: Core, *, as_json: bool) -> int:
     tiers = {tier.name: tier.stats() for tier in core.lower}
+    fleet = _fleet(core)
     if as_json:
-        print(json.dumps({"generation": core.generation, **tiers}, indent=2, default=str))
+        print(json.dumps({"generation": core.generation, **tiers, "fleet": fleet}, indent=2, default=str))
         return 0
-    table = Table("tier", "counter", "value", title=f"imageguard cache (generation {core.generation})")
+    console = Console()
+    table = Table("tier", "counter", "value", title=f"stored entries (generation {core.generation})")
     for name, counters in tiers.items():
-        for counter, value in counters.items():
-            table.add_row(name, counter, str(value))
-    Console().print(table)
+        for counter in ("entries", "bytes", "maxbytes", "integrity_failures", "available"):
+            if counter in counters:
+                table.add_row(name, counter, str(counters[counter]))
+    console.print(table)
+    if fleet is None:
+        console.print(
+            "Hit ratios and rejections are counted per process: see guard.stats() or /metrics "
+            "(with IMAGEGUARD_REDIS_URL, every instance adds them up here)."
+        )
+        return 0
+    ratios = Table("tier", "hits", "misses", "hit ratio", "integrity failures", title="every instance")
+    for name, row in fleet["tiers"].items():  # type: ignore[attr-defined]
+        ratios.add_row(
+            name,
+            str(row["hits"]),
+            str(row["misses"]),
+            f"{row['hit_ratio']:.1%}",
+            str(row["integrity_failures"]),
+        )
+    console.print(ratios)
+    reasons = Table("reason", "rejections", title="rejections by reason, every instance")
+    for reason, count in fleet["rejections"].items():  # type: ignore[attr-defined]
+        reasons.add_row(reason, str(count))
+    console.print(reasons)
     return 0
 
 

@@ -885,8 +885,8 @@ class Core:
         return self.signer.cache_key(material)
 
     def lookup(self, key: str) -> Entry | None:
-        """The cached entry for *key* (the adapters re-check once they lead a fill)."""
-        return self.cache.get(key)
+        """The cached entry for *key* (the adapters re-check once they lead a fill; not counted again)."""
+        return self.cache.get(key, count=False)
 
     def lookup_lower(self, plan: FillPlan) -> Entry | None:
         """Look *plan* up in L2, then L3; a verified hit is promoted to the faster tiers.

@@ -150,6 +150,10 @@ def _fill_tiers(directory: Path, redis_url: str, names: list[str]) -> None:
     client = app.test_client()
     for name in names:
         assert client.get(f"/static/{name}").status_code == 200
+        assert client.get(f"/static/{name}").status_code == 200  # an L1 hit
+    assert client.get(f"/static/{names[0]}?w=5").status_code == 403  # missing_signature
+    assert guard.core is not None
+    guard.core.flush_counters()  # what the listener thread does every ten seconds
     guard.close()
 
 
@@ -164,6 +168,12 @@ def test_cache_commands(
     assert main(["cache", "stats", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["l2"]["entries"] == 2 and stats["l3"]["entries"] == 2
+    fleet = stats["fleet"]  # every instance's counters, added up in Redis
+    assert fleet["tiers"]["l1"] == {"hits": 2, "misses": 2, "hit_ratio": 0.5, "integrity_failures": 0}
+    assert fleet["rejections"] == {"missing_signature": 1}
+    assert main(["cache", "stats"]) == 0
+    table = capsys.readouterr().out
+    assert "50.0%" in table and "missing_signature" in table
 
     assert main(["cache", "verify"]) == 0
     assert "4 entries checked, 0 tampered" in capsys.readouterr().out

@@ -53,14 +53,17 @@ class MemoryCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, key: str, *, count: bool = True) -> Entry | None:
+        """The entry for *key*; *count* ``False`` for a re-check that is not a new request."""
         with self._lock:
             try:
                 entry = self._cache[key]  # one expiry check (Cache.get() would do two)
             except KeyError:
-                self.misses += 1
+                if count:
+                    self.misses += 1
                 return None
-            self.hits += 1
+            if count:
+                self.hits += 1
             return entry
 
     def set(self, key: str, entry: Entry) -> None:
