@@ -266,6 +266,8 @@ class Entry:
     last_modified: str | None = None
     #: :func:`~imageguard.cache.envelope.source_hash` of :attr:`source_path`.
     source_hash: str = ""
+    #: Where this entry came from: ``fill`` (the upstream), or the tier it was read from.
+    origin: str = "fill"
 
     def record(self) -> Record:
         """What the lower tiers store for this entry (headers are rebuilt on read)."""
@@ -903,7 +905,7 @@ class Core:
             record = tier.get(plan.key, wanted)
             if record is None:
                 continue
-            entry = self.entry_from_record(record)
+            entry = self.entry_from_record(record, origin=tier.name)
             self.metrics.hit(tier.name)
             self.cache.set(plan.key, entry)
             for faster in self.lower[:index]:
@@ -911,7 +913,7 @@ class Core:
             return entry
         return None
 
-    def entry_from_record(self, record: Record) -> Entry:
+    def entry_from_record(self, record: Record, *, origin: str = "l2") -> Entry:
         """An :class:`Entry` for a verified record, with this instance's headers."""
         return self._entry(
             record.key,
@@ -921,6 +923,7 @@ class Core:
             record.etag,
             record.last_modified,
             record.created,
+            origin=origin,
         )
 
     def url(self, path: str, /, **params: object) -> str:
@@ -1007,7 +1010,11 @@ class Core:
             # No rasterizer: resizing or converting an SVG is not something we can do safely.
             raise InvalidImage("svg_transform_unsupported", "SVG images cannot be resized or converted")
         if len(body) > self.svg_limits.max_bytes:
-            raise InvalidImage("too_large", "the SVG exceeds IMAGEGUARD_MAX_SVG_BYTES")
+            raise InvalidImage(
+                "too_large",
+                "the SVG exceeds IMAGEGUARD_MAX_SVG_BYTES",
+                facts={"size": len(body), "limit": self.svg_limits.max_bytes},
+            )
         svg = sanitize_svg(body, self.svg_limits)
         for reason in svg.removed:
             security_event(
@@ -1060,6 +1067,8 @@ class Core:
         etag: str,
         last_modified: str | None,
         created: float,
+        *,
+        origin: str = "fill",
     ) -> Entry:
         validators: list[tuple[str, str]] = [("ETag", etag)]
         if last_modified:
@@ -1092,6 +1101,7 @@ class Core:
             raw_headers_304=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers_304],
             last_modified=last_modified,
             source_hash=hashed,
+            origin=origin,
         )
 
     def _pass_on(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> Reply:
@@ -1216,8 +1226,11 @@ class Core:
         self._forget(shared=False)
 
     def served(self, outcome: Outcome) -> None:
-        """Count a request answered by a fill (led or waited for): ``miss`` or ``passed_on``."""
-        self.metrics.request("miss" if isinstance(outcome, Entry) else "passed_on")
+        """Count a request answered past L1: ``hit`` (L2/L3), ``miss`` (a fill) or ``passed_on``."""
+        if isinstance(outcome, Entry):
+            self.metrics.request("miss" if outcome.origin == "fill" else "hit")
+        else:
+            self.metrics.request("passed_on")
 
     def stats(self) -> dict[str, object]:
         """Per tier: entries, bytes, hits, misses and hit ratio; rejections by reason.

@@ -608,9 +608,11 @@ def _scan_gif(data: bytes, limits: RasterLimits) -> int:
             frames += 1
             total += canvas_w * canvas_h
             if frames > limits.max_frames:
-                raise InvalidImage("too_many_frames", _MESSAGES["too_many_frames"])
+                raise InvalidImage("too_many_frames", _MESSAGES["too_many_frames"], facts={"frames": frames})
             if total > limits.max_total_pixels:
-                raise InvalidImage("too_many_pixels", _MESSAGES["too_many_pixels"])
+                raise InvalidImage(
+                    "too_many_pixels", _MESSAGES["too_many_pixels"], facts={"frames": frames, "pixels": total}
+                )
             flags = data[pos + 9]
             pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
             pos = _skip_sub_blocks(data, pos + 1)  # after the LZW code size
@@ -1115,11 +1117,13 @@ def _animated(
         except EOFError:
             break
         if index == limits.max_frames:
-            raise InvalidImage("too_many_frames", _MESSAGES["too_many_frames"])
+            raise InvalidImage("too_many_frames", _MESSAGES["too_many_frames"], facts={"frames": index + 1})
         _check_opened_frame(im, limits)
         total += im.size[0] * im.size[1]
         if total > limits.max_total_pixels:
-            raise InvalidImage("too_many_pixels", _MESSAGES["too_many_pixels"])
+            raise InvalidImage(
+                "too_many_pixels", _MESSAGES["too_many_pixels"], facts={"frames": index + 1, "pixels": total}
+            )
         im.load()
         if index < start:
             continue

@@ -1053,7 +1053,9 @@ def sanitize_svg(data: bytes, limits: SvgLimits = SvgLimits()) -> SanitizedSvg:
     .. versionadded:: 0.1
     """
     if len(data) > limits.max_bytes:
-        raise InvalidImage("too_large", _MESSAGES["too_large"])
+        raise InvalidImage(
+            "too_large", _MESSAGES["too_large"], facts={"size": len(data), "limit": limits.max_bytes}
+        )
     try:
         builder = _parse(data, limits)
         builder.check_uses()
@@ -1068,5 +1070,7 @@ def sanitize_svg(data: bytes, limits: SvgLimits = SvgLimits()) -> SanitizedSvg:
     except (ParseError, ValueError, LookupError, UnicodeError) as exc:
         raise InvalidImage("svg_malformed", _MESSAGES["svg_malformed"], original_error=exc) from exc
     if len(body) > limits.max_bytes:
-        raise InvalidImage("too_large", _MESSAGES["too_large"])
+        raise InvalidImage(
+            "too_large", _MESSAGES["too_large"], facts={"size": len(body), "limit": limits.max_bytes}
+        )
     return SanitizedSvg(body=body, content_type=CONTENT_TYPE, removed=tuple(sorted(builder.removed)))
