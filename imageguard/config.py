@@ -296,7 +296,7 @@ class Settings:
                     else f"<{count} {'key' if count == 1 else 'keys'}, redacted>"
                 )
             elif f.name == "redis_url" and isinstance(value, str):
-                value = _redact_url(value)
+                value = redact_url(value)
             elif isinstance(value, tuple):
                 value = ",".join(value)
             elif isinstance(value, frozenset):
@@ -373,7 +373,7 @@ def _shown_value(name: str, given: object) -> object:
     if name == "secret_key":
         return _REDACTED
     if name == "redis_url" and given is not None:
-        return _redact_url(given) if isinstance(given, str) else _REDACTED
+        return redact_url(given) if isinstance(given, str) else _REDACTED
     return given
 
 
@@ -594,7 +594,7 @@ def _parse_redis_url(value: object) -> str | None:
     return url
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """Replace the password in a Redis URL (user info or ``?password=``) by ``***``."""
     try:
         parts = urlsplit(url)

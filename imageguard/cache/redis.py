@@ -44,12 +44,12 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast, get_args
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ..config import redact_url
 from ..events import logger, security_event
 from .envelope import IntegrityError, Record, Sealer
 
@@ -199,23 +199,6 @@ class PurgeMessage:
         if not isinstance(generation, int) or isinstance(generation, bool):
             raise ValueError("bad generation")
         return cls(op=cast(Op, op), value=value, generation=generation, origin=origin)
-
-
-def redact_url(url: str) -> str:
-    """*url* with its password (user info or ``?password=``) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            userinfo, _, hostport = netloc.rpartition("@")
-            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        query = parts.query
-        if any(name.lower() == "password" for name, _ in pairs):
-            query = urlencode([(n, "***" if n.lower() == "password" else v) for n, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparsable Redis URL>"
 
 
 def connect(url: str, **options: Any) -> redis.Redis:
