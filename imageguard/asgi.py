@@ -182,7 +182,7 @@ class ImageGuardMiddleware(GuardFacade):
             try:
                 return await self._follow_once(scope, plan)
             except RateLimited as error:
-                if error.facts.get("client") == plan.client or attempt == FOLLOW_ATTEMPTS - 1:
+                if not Core.retries_fill(error, plan, attempt):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -688,6 +688,15 @@ class Core:
                 facts={"client": plan.client},
             )
 
+    @staticmethod
+    def retries_fill(error: RateLimited, plan: FillPlan, attempt: int) -> bool:
+        """Whether a request that waited on a fill refused with *error* starts its own.
+
+        Yes when the fill was charged to another client (its budget is not this
+        request's), for at most :data:`FOLLOW_ATTEMPTS` attempts.
+        """
+        return error.facts.get("client") != plan.client and attempt < FOLLOW_ATTEMPTS - 1
+
     # -- request side ------------------------------------------------------------
 
     def decide(self, request: Request, *, guarded: bool = False) -> Decision:

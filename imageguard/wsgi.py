@@ -162,7 +162,7 @@ class ImageGuard(GuardFacade):
             try:
                 return self._flights.run(plan.key, fill, timeout=FOLLOWER_TIMEOUT)
             except RateLimited as error:
-                if error.facts.get("client") == plan.client or attempt == FOLLOW_ATTEMPTS - 1:
+                if not Core.retries_fill(error, plan, attempt):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
