@@ -223,9 +223,12 @@ class ImageGuardMiddleware(GuardFacade):
         core.metrics.fill_started()
         try:
             try:
-                status, headers, body = await asyncio.wait_for(
-                    self._call_upstream(scope, plan), self.upstream_timeout
-                )
+                if plan.remote:  # the proxy route: bounded by IMAGEGUARD_REMOTE_TIMEOUT itself
+                    status, headers, body = await core.remote_fetcher.fetch_async(plan.path)
+                else:
+                    status, headers, body = await asyncio.wait_for(
+                        self._call_upstream(scope, plan), self.upstream_timeout
+                    )
             except asyncio.TimeoutError:
                 # A hung upstream must not hold the key's fill (and its waiters) forever.
                 raise InvalidImage("upstream_timeout", "the upstream app did not answer in time") from None
@@ -311,13 +314,15 @@ class ImageGuardMiddleware(GuardFacade):
         self.close_tiers()
 
 
-def image_url(request: Any, path: str, /, **params: object) -> str:
+def image_url(
+    request: Any, path: str | None = None, /, *, remote: str | None = None, **params: object
+) -> str:
     """A signed image URL from a Starlette/FastAPI ``request`` (templates, endpoints).
 
     ``templates.env.globals["image_url"] = image_url``, then in Jinja:
     ``{{ image_url(request, url_for('static', path='cat.jpg').path, w=320) }}``.
     """
-    return ImageGuardMiddleware.from_app(request.app).url(path, **params)
+    return ImageGuardMiddleware.from_app(request.app).url(path, remote=remote, **params)
 
 
 def _full_path(scope: Scope) -> str:

@@ -2,7 +2,7 @@
 
 ``serve DIR``   a hardened image server for a folder (127.0.0.1:8000 by default)
 ``scan FILE..`` validate and re-encode files offline; exit 1 if any is rejected
-``sign PATH``   print a signed URL (needs IMAGEGUARD_SECRET_KEY)
+``sign PATH``   print a signed URL (needs IMAGEGUARD_SECRET_KEY); ``sign --remote URL`` for a remote image
 ``keygen``      print a new secret key
 ``config``      print the effective settings, secrets redacted
 ``cache stats|verify|purge``  the disk (L2) and Redis (L3) tiers of IMAGEGUARD_DISK_CACHE_DIR
@@ -56,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--out", type=Path, help="write clean copies into this folder")
     _transform_options(scan)
 
-    sign = commands.add_parser("sign", help="print a signed URL for a path")
-    sign.add_argument("path")
+    sign = commands.add_parser("sign", help="print a signed URL for a path or a remote image")
+    sign.add_argument("path", nargs="?", help="the image's path (/static/cat.jpg)")
+    sign.add_argument(
+        "--remote", metavar="URL", help="a remote image URL (IMAGEGUARD_REMOTE_HOSTS) instead of a path"
+    )
     _transform_options(sign)
     sign.add_argument("--e", type=int, help="expiry, unix seconds")
     sign.add_argument(
@@ -160,8 +163,11 @@ def _sign(settings: Settings, args: argparse.Namespace, err: Console) -> int:
             err.print(f"[red]--param needs NAME=VALUE, got {item!r}[/]")
             return 2
         params[name] = value
+    if (args.path is None) == (args.remote is None):
+        err.print("[red]give a PATH or --remote URL[/] (one of them)")
+        return 2
     try:
-        print(Core(settings.replace(cache_bytes=0), lower=()).url(args.path, **params))
+        print(Core(settings.replace(cache_bytes=0), lower=()).url(args.path, remote=args.remote, **params))
     except (ValueError, Rejected) as exc:
         err.print(f"[red]cannot sign:[/] {exc}", highlight=False)
         return 2

@@ -148,6 +148,17 @@ class Settings:
     #: Send the source path's hash for CDN purges: ``off``, ``surrogate-key``
     #: (Fastly), ``cache-tag`` (Cloudflare, Akamai) or ``both``.
     surrogate_key: str = "off"
+    #: Path of the remote (proxy) route; it only exists when :attr:`remote_hosts` is set.
+    remote_path: str = "/_imageguard/remote"
+    #: Hosts remote images may come from: ``img.example.com``, ``*.example.com``
+    #: (subdomains), ``*`` (any; must be explicit). Empty: no remote route.
+    remote_hosts: tuple[str, ...] = ()
+    #: URL schemes remote images may use.
+    remote_schemes: frozenset[str] = frozenset({"https"})
+    #: Allow loopback, private, link-local and CGNAT addresses (tests, intranets).
+    remote_allow_private: bool = False
+    #: Seconds a remote fetch may take in all (redirects and body included).
+    remote_timeout: int = 20
     #: True when :attr:`secret_key` was generated for this process: signed URLs and
     #: stored entries will not survive a restart or work across processes.
     ephemeral_key: bool = field(init=False, default=False)
@@ -187,6 +198,11 @@ class Settings:
             log_format: str = ...,
             cross_origin_resource_policy: str = ...,
             surrogate_key: str = ...,
+            remote_path: str = ...,
+            remote_hosts: str | Iterable[str] = ...,
+            remote_schemes: str | Iterable[str] = ...,
+            remote_allow_private: bool | str = ...,
+            remote_timeout: int | str = ...,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -546,6 +562,38 @@ def _parse_key_hosts(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(hosts))
 
 
+_REMOTE_HOST = re.compile(
+    r"(\*|(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])"
+)
+
+
+def _parse_remote_path(value: object) -> str:
+    (path,) = _parse_paths(value) or ("",)
+    if path == "/" or path.endswith("/"):
+        raise ValueError(f"{path!r} must name one route, not a folder")
+    return path
+
+
+def _parse_remote_hosts(value: object) -> tuple[str, ...]:
+    given = [host.lower() for host in _items(value)]
+    if any(host != "*" and host.rstrip(".") in ("*", "") for host in given):
+        raise ValueError("'*.' is not '*': write * to allow any host")
+    hosts = [host.rstrip(".") for host in given]  # a fully qualified name's trailing dot
+    for host in hosts:
+        if not _REMOTE_HOST.fullmatch(host):
+            raise ValueError(f"{host!r} is not a host name, *.domain, [IPv6] or *")
+        if host.startswith("["):
+            ipaddress.IPv6Address(host[1:-1])  # raises ValueError
+    return tuple(dict.fromkeys(hosts))
+
+
+def _parse_remote_schemes(value: object) -> frozenset[str]:
+    schemes = {item.lower() for item in _items(value)}
+    if not schemes or not schemes <= {"http", "https"}:
+        raise ValueError(f"not a set of http/https: {value!r}")
+    return frozenset(schemes)
+
+
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -708,6 +756,17 @@ _FIELDS: dict[str, tuple[Callable[[object], object], str]] = {
         _choice("same-site", "same-origin", "cross-origin", "off"),
         "one of same-site, same-origin, cross-origin, off",
     ),
+    "remote_path": (
+        _parse_remote_path,
+        "one path starting with '/' (not a folder), e.g. /_imageguard/remote",
+    ),
+    "remote_hosts": (
+        _parse_remote_hosts,
+        "comma-separated host names, *.domain for subdomains, [IPv6] or IPv4 literals, or * for any host",
+    ),
+    "remote_schemes": (_parse_remote_schemes, "comma-separated schemes among https, http"),
+    "remote_allow_private": (_parse_bool, "a boolean: true/false, 1/0, yes/no or on/off"),
+    "remote_timeout": (_integer(1), "a whole number of seconds > 0"),
     "surrogate_key": (
         _choice("off", "surrogate-key", "cache-tag", "both"),
         "one of off, surrogate-key, cache-tag, both",

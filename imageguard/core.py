@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import quote, unquote, unquote_plus, unquote_to_bytes
 
 from .anomaly import AnomalyDetector
@@ -50,7 +50,7 @@ from .cache import RecordTier
 from .cache.envelope import Record, Sealer, source_hash
 from .cache.memory import MemoryCache
 from .config import Settings
-from .errors import BadRequest, InvalidImage, InvalidSignature, RateLimited, Rejected
+from .errors import BadRequest, ConfigError, InvalidImage, InvalidSignature, RateLimited, Rejected
 from .events import security_event
 from .metrics import METRICS
 from .raster import (
@@ -66,10 +66,15 @@ from .ratelimit import MissLimiter
 from .signing import SIGNATURE_LENGTH, URLSigner, canonical_form
 from .svg import SanitizedSvg, SvgLimits, sanitize_svg
 
+if TYPE_CHECKING:
+    from .remote import RemoteFetcher, RemotePolicy, RemoteURL
+
 #: Query parameters that change the produced image; they must be signed.
 TRANSFORM_PARAMS: Final = ("w", "h", "fit", "q", "fmt")
 #: Every name imageguard itself owns in a query string.
 RESERVED_PARAMS: Final = frozenset((*TRANSFORM_PARAMS, "s", "e"))
+#: What the remote route accepts: the reserved parameters and the signed ``url``.
+_REMOTE_PARAMS: Final = RESERVED_PARAMS | frozenset({"url"})
 #: The signed reserved parameters in canonical (sorted) order.
 _SIGNED_ORDER: Final = tuple(sorted(RESERVED_PARAMS - {"s"}))
 #: Path endings that make a path an image path (lower case): the image formats
@@ -330,6 +335,8 @@ class FillPlan:
     negotiated: bool = False
     #: The purge generation the key was derived in; a fill from an older one is not stored.
     generation: int = 0
+    #: Fetch :attr:`path` (a checked, normalised URL) from the network instead of calling the app.
+    remote: bool = False
 
     @property
     def raw_path(self) -> str:
@@ -390,6 +397,8 @@ class _Route:
     expiry: int | None
     generation: int
     negotiated: bool = False
+    #: A remote image (the proxy route): ``path`` is the checked, normalised URL.
+    remote: bool = False
 
 
 class _Pass:
@@ -586,6 +595,30 @@ class Core:
             else None
         )
         self._trusted_proxies = settings.trusted_proxies
+        #: The remote (proxy) route's policy, or ``None`` when IMAGEGUARD_REMOTE_HOSTS is empty.
+        self.remote_policy: RemotePolicy | None = None
+        self._remote_path: str | None = None
+        self._remote_fetcher: RemoteFetcher | None = None
+        if settings.remote_hosts:
+            try:
+                from .remote import RemotePolicy
+            except ImportError as exc:  # httpx is the [remote] extra
+                raise ConfigError(
+                    variable="IMAGEGUARD_REMOTE_HOSTS",
+                    value=",".join(settings.remote_hosts),
+                    accepted="remote images need httpx: pip install 'imageguard[remote]'",
+                ) from exc
+
+            timeout = float(settings.remote_timeout)
+            self.remote_policy = RemotePolicy(
+                hosts=settings.remote_hosts,
+                schemes=settings.remote_schemes,
+                allow_private=settings.remote_allow_private,
+                max_bytes=settings.max_bytes,
+                timeout=timeout,
+                connect_timeout=min(5.0, timeout),
+            )
+            self._remote_path = settings.remote_path
         self.metrics = METRICS
         self.metrics.watch(self)  # imageguard_cache_bytes{tier}, read at scrape time
         self._surrogate_names: tuple[str, ...] = {
@@ -622,7 +655,12 @@ class Core:
     # -- routing -----------------------------------------------------------------
 
     def is_guarded(self, path: str, query: str) -> bool:
-        """Step 1 of DESIGN §3: under a guarded prefix, and an image path or transform query."""
+        """Step 1 of DESIGN §3: under a guarded prefix, and an image path or transform query.
+
+        The remote route (when enabled) is always guarded, wherever it lies.
+        """
+        if path == self._remote_path:
+            return True
         if not path.startswith(self._prefixes):
             return False
         if _has_image_extension(path):
@@ -640,6 +678,26 @@ class Core:
                 if part.partition("=")[0] in TRANSFORM_PARAMS:
                     return True
         return False
+
+    # -- remote images -------------------------------------------------------------
+
+    def _check_remote(self, url: str) -> RemoteURL:
+        from .remote import check_url
+
+        if self.remote_policy is None:  # pragma: no cover - the route exists only with a policy
+            raise BadRequest("remote_url_invalid", "remote images are not enabled")
+        return check_url(url, self.remote_policy)
+
+    @property
+    def remote_fetcher(self) -> RemoteFetcher:
+        """The fetcher of the remote route (built on first use; I/O: the adapters call it)."""
+        if self._remote_fetcher is None:
+            from .remote import RemoteFetcher
+
+            if self.remote_policy is None:
+                raise RuntimeError("remote images are not enabled (IMAGEGUARD_REMOTE_HOSTS)")
+            self._remote_fetcher = RemoteFetcher(self.remote_policy)
+        return self._remote_fetcher
 
     # -- clients -----------------------------------------------------------------
 
@@ -729,6 +787,7 @@ class Core:
             client=request.client,
             negotiated=route.negotiated,
             generation=route.generation,
+            remote=route.remote,
         )
 
     def negotiate(self, accept: str | None) -> str | None:
@@ -774,9 +833,21 @@ class Core:
                 raise InvalidSignature("expired_signature", "the signed URL has expired")
             return route
         path = normalise_path(request.path, request.raw_path)
-        params, source = self.parse_query(request.query)
-        transform = parse_transform(params, max_side=self.settings.max_side)
-        self.verify(path, params, source)
+        remote = path == self._remote_path
+        if remote:
+            # The proxy route: ``url`` is the only other parameter, and a signature is
+            # always required, whatever IMAGEGUARD_SIGNING says (DESIGN, issue 8).
+            params, source = self.parse_query(request.query, allowed=_REMOTE_PARAMS)
+            transform = parse_transform(params, max_side=self.settings.max_side)
+            self.verify(path, params, source, always=True)
+            if "url" not in source:
+                raise BadRequest("remote_url_invalid", "the remote route needs a url parameter")
+            path = self._check_remote(unquote(source["url"])).url
+            source = {}
+        else:
+            params, source = self.parse_query(request.query)
+            transform = parse_transform(params, max_side=self.settings.max_side)
+            self.verify(path, params, source)
         if negotiated is not None and transform.fmt is None:
             transform = dataclasses.replace(transform, fmt=negotiated)  # keyed like a signed fmt
         else:
@@ -794,13 +865,16 @@ class Core:
             expiry=int(expiry) if expiry is not None else None,
             generation=generation,
             negotiated=negotiated is not None,
+            remote=remote,
         )
         if len(self._routes) >= ROUTE_MEMO_SIZE:
             self._routes.clear()  # cheap, and bounded: an attacker gains nothing by filling it
         self._routes[memo_key] = route
         return route
 
-    def parse_query(self, query: str) -> tuple[dict[str, str], dict[str, str]]:
+    def parse_query(
+        self, query: str, *, allowed: frozenset[str] | None = None
+    ) -> tuple[dict[str, str], dict[str, str]]:
         """Split the query strictly into (imageguard params, source params).
 
         Source parameter values are decoded and re-encoded in one canonical
@@ -821,7 +895,7 @@ class Core:
                 raise BadRequest("bad_query", "every query part must be name=value")
             if not _NAME_RE.fullmatch(name):
                 raise BadRequest("bad_query", "query parameter names must be plain ASCII")
-            if name not in self._allowed_params:
+            if name not in (self._allowed_params if allowed is None else allowed):
                 raise BadRequest("unknown_param", f"unknown query parameter {name!r}")
             if name in params or name in source:
                 raise BadRequest("duplicate_param", f"duplicate query parameter {name!r}")
@@ -835,13 +909,15 @@ class Core:
                 source[name] = quote(decoded, safe="")
         return params, source
 
-    def verify(self, path: str, params: dict[str, str], source: dict[str, str]) -> None:
+    def verify(
+        self, path: str, params: dict[str, str], source: dict[str, str], *, always: bool = False
+    ) -> None:
         """Check ``s`` and ``e`` per ``IMAGEGUARD_SIGNING`` (DESIGN §6).
 
         :raises InvalidSignature: a signature is required and missing, does not
             verify under any key, or has expired.
         """
-        mode = self._signing
+        mode = "always" if always else self._signing
         if mode == "off":
             return
         signature = params.get("s")
@@ -935,21 +1011,39 @@ class Core:
             origin=origin,
         )
 
-    def url(self, path: str, /, **params: object) -> str:
-        """A signed URL for *path* with transform and source parameters.
+    def url(self, path: str | None = None, /, *, remote: str | None = None, **params: object) -> str:
+        """A signed URL for *path* (or for the *remote* image) with transform and source parameters.
 
         :param path: the decoded path, as the app routes it (``/static/cat.jpg``).
+        :param remote: instead of *path*: an image URL on an allowed host
+            (``IMAGEGUARD_REMOTE_HOSTS``); the result is the remote route with a
+            signed ``url`` (always signed, whatever ``IMAGEGUARD_SIGNING`` says).
         :param params: ``w``, ``h``, ``fit``, ``q``, ``fmt``, ``e`` and the names of
             ``IMAGEGUARD_SOURCE_PARAMS``; ``None`` values are left out.
-        :raises ValueError: an unknown parameter or a value the middleware would refuse.
+        :raises ValueError: an unknown parameter or a value the middleware would refuse,
+            a remote URL it would refuse, or neither or both of *path* and *remote*.
         """
+        if (path is None) == (remote is None):
+            raise ValueError("url() takes a path or remote=, not both or neither")
+        allowed = self._allowed_params
+        always = False
+        if remote is not None:
+            if self._remote_path is None:
+                raise ValueError("remote images are not enabled: set IMAGEGUARD_REMOTE_HOSTS")
+            try:
+                checked = self._check_remote(remote).url
+            except Rejected as exc:
+                raise ValueError(f"{exc.reason}: {exc}") from exc
+            path, allowed, always = self._remote_path, _REMOTE_PARAMS, True
+            params = {**params, "url": checked}
+        assert path is not None  # for mypy: one of the two, checked above
         path = normalise_path(path)
         given = {k: str(v) for k, v in params.items() if v is not None}
         if self.settings.signature_max_age is not None and "e" not in given:
             given["e"] = str(int(self.clock()) + self.settings.signature_max_age)
         signed: dict[str, str] = {}
         for name, value in given.items():
-            if name == "s" or name not in self._allowed_params:
+            if name == "s" or name not in allowed:
                 raise ValueError(f"unknown image URL parameter {name!r}")
             signed[name] = value if name in RESERVED_PARAMS else quote(value, safe="")
         try:
@@ -959,7 +1053,8 @@ class Core:
         canonical = canonical_form(path, signed)
         quoted_path = quote(path, safe="/!$&'()*+,:=@")
         query = "&".join(f"{k}={signed[k]}" for k in sorted(signed))
-        if self.settings.signing != "off" and (signed or self.settings.signing == "always"):
+        mode = "always" if always else self.settings.signing
+        if mode != "off" and (signed or mode == "always"):
             signature = self.signer.signature(canonical)
             query = f"{query}&s={signature}" if query else f"s={signature}"
         return f"{quoted_path}?{query}" if query else quoted_path
@@ -1148,15 +1243,23 @@ class Core:
 
     # -- purge ----------------------------------------------------------------
 
-    def purge(self, *, key: str | None = None, path: str | None = None) -> int:
-        """Drop one entry by *key*, or every variant of the source *path*, from every tier.
+    def purge(self, *, key: str | None = None, path: str | None = None, remote: str | None = None) -> int:
+        """Drop one entry by *key*, or every variant of the source *path* or *remote* URL, from every tier.
 
         With Redis, the other instances drop it from their L1 and L2 too.
 
         :returns: how many entries the fullest tier held.
         """
-        if (key is None) == (path is None):
-            raise TypeError("purge() takes exactly one of key= or path=")
+        if sum(x is not None for x in (key, path, remote)) != 1:
+            raise TypeError("purge() takes exactly one of key=, path= or remote=")
+        if remote is not None:
+            try:
+                hashed = source_hash(self._check_remote(remote).url)
+            except Rejected as exc:
+                raise ValueError(f"not a remote URL imageguard serves: {remote!r} ({exc})") from exc
+            removed = self._drop_source(hashed, shared=True)
+            self._publish("source", hashed)
+            return removed
         if key is not None:
             removed = self._drop_key(key, shared=True)
             self._publish("key", key)
@@ -1289,9 +1392,11 @@ class Core:
         return sizes
 
     def close(self) -> None:
-        """Release the lower tiers' files, connections and threads."""
+        """Release the lower tiers' files, connections and threads, and the remote fetcher."""
         for tier in self.lower:
             tier.close()
+        if self._remote_fetcher is not None:
+            self._remote_fetcher.close()
 
 
 def _restart_listener_after_fork(core: Core) -> None:

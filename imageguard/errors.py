@@ -97,6 +97,12 @@ class InvalidSignature(Rejected):
     status = 403
 
 
+class Forbidden(Rejected):
+    """A request that policy refuses: a remote host, scheme or address not allowed (403)."""
+
+    status = 403
+
+
 class RateLimited(Rejected):
     """Too many cache misses from one client (429).
 

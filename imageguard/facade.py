@@ -18,16 +18,17 @@ class GuardFacade:
             raise RuntimeError("imageguard has no app yet: call init_app(app) first")
         return self.core
 
-    def url(self, path: str, /, **params: object) -> str:
-        """A signed URL for *path*: ``guard.url("/static/cat.jpg", w=320, fmt="webp")``.
+    def url(self, path: str | None = None, /, *, remote: str | None = None, **params: object) -> str:
+        """A signed URL for *path*: ``guard.url("/static/cat.jpg", w=320, fmt="webp")``, or
+        for a remote image: ``guard.url(remote="https://img.example.com/a.png", w=64)``.
 
-        :raises ValueError: a parameter the middleware would refuse.
+        :raises ValueError: a parameter, path or remote URL the middleware would refuse.
         """
-        return self._core().url(path, **params)
+        return self._core().url(path, remote=remote, **params)
 
-    def purge(self, *, key: str | None = None, path: str | None = None) -> int:
-        """Drop one entry (*key*) or every variant of a source (*path*); how many went."""
-        return self._core().purge(key=key, path=path)
+    def purge(self, *, key: str | None = None, path: str | None = None, remote: str | None = None) -> int:
+        """Drop one entry (*key*) or every variant of a source (*path* or *remote* URL); how many went."""
+        return self._core().purge(key=key, path=path, remote=remote)
 
     def purge_all(self) -> None:
         """Drop everything: no entry cached before the call can be served after it."""

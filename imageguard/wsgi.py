@@ -176,7 +176,10 @@ class ImageGuard(GuardFacade):
         core.charge_fill(plan)  # only now is it a miss that costs the upstream and the CPU
         core.metrics.fill_started()
         try:
-            status, headers, body = self._call_upstream(environ, plan)
+            if plan.remote:  # the proxy route: the network, with every SSRF check
+                status, headers, body = core.remote_fetcher.fetch(plan.path)
+            else:
+                status, headers, body = self._call_upstream(environ, plan)
             with self._gate.slot():
                 return core.complete(plan, status, headers, body)
         finally:

@@ -38,7 +38,7 @@ class Driver:
     def get(self, url: str, **kwargs: Any) -> Result:
         return self.request(url, **kwargs)
 
-    def url(self, path: str, **params: Any) -> str:
+    def url(self, path: str | None = None, **params: Any) -> str:
         return str(self.guard.url(path, **params))
 
 

@@ -41,7 +41,8 @@ def test_variables_map_every_field_to_its_environment_variable() -> None:
     assert VARIABLES["secret_key"] == "IMAGEGUARD_SECRET_KEY"
     assert "ephemeral_key" not in VARIABLES
     assert set(VARIABLES) == {f.name for f in dataclasses.fields(Settings) if f.init}
-    assert len(VARIABLES) == 29  # DESIGN §10 (26) + CORP, SVG_DATA_IMAGES, SURROGATE_KEY
+    # DESIGN §10 (26) + CORP, SVG_DATA_IMAGES, SURROGATE_KEY + five REMOTE_* (issue 8)
+    assert len(VARIABLES) == 34
 
 
 # -- defaults (DESIGN §10) -----------------------------------------------------------
@@ -74,6 +75,11 @@ DEFAULTS: list[tuple[str, object]] = [
     ("log_format", "text"),
     ("cross_origin_resource_policy", "same-site"),
     ("surrogate_key", "off"),
+    ("remote_path", "/_imageguard/remote"),
+    ("remote_hosts", ()),
+    ("remote_schemes", frozenset({"https"})),
+    ("remote_allow_private", False),
+    ("remote_timeout", 20),
 ]
 
 
@@ -151,6 +157,13 @@ PARSED: list[Any] = [
     pytest.param("CROSS_ORIGIN_RESOURCE_POLICY", "cross-origin", "cross-origin", id="corp"),
     pytest.param("CROSS_ORIGIN_RESOURCE_POLICY", "off", "off", id="corp-off"),
     pytest.param("SURROGATE_KEY", "Cache-Tag", "cache-tag", id="surrogate-key"),
+    pytest.param("REMOTE_PATH", "/img/proxy", "/img/proxy", id="remote-path"),
+    pytest.param(
+        "REMOTE_HOSTS", "*.Example.com, cdn.example.org.", ("*.example.com", "cdn.example.org"), id="hosts"
+    ),
+    pytest.param("REMOTE_SCHEMES", "https,http", frozenset({"http", "https"}), id="remote-schemes"),
+    pytest.param("REMOTE_ALLOW_PRIVATE", "yes", True, id="remote-allow-private"),
+    pytest.param("REMOTE_TIMEOUT", "5", 5, id="remote-timeout"),
 ]
 
 
@@ -363,6 +376,11 @@ BAD: list[Any] = [
     pytest.param("LOG_FORMAT", "xml", id="log_format"),
     pytest.param("CROSS_ORIGIN_RESOURCE_POLICY", "anywhere", id="corp"),
     pytest.param("SURROGATE_KEY", "x-tags", id="surrogate-key"),
+    pytest.param("REMOTE_PATH", "/proxy/", id="remote-path-folder"),
+    pytest.param("REMOTE_HOSTS", "*.", id="remote-hosts-star-dot"),
+    pytest.param("REMOTE_SCHEMES", "ftp", id="remote-schemes"),
+    pytest.param("REMOTE_ALLOW_PRIVATE", "maybe", id="remote-allow-private"),
+    pytest.param("REMOTE_TIMEOUT", "0", id="remote-timeout"),
 ]
 
 
