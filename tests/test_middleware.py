@@ -684,13 +684,17 @@ def test_every_corpus_raster_is_clean_or_refused(make_client: MakeClient, corpus
 PLUGIN_PROBE = r"""
 import json, sys
 from pathlib import Path
-from PIL import BmpImagePlugin
+from PIL import BmpImagePlugin, PpmImagePlugin
 opened = []
-original = BmpImagePlugin.BmpImageFile._open
-def spy(self):
-    opened.append("BMP")
-    return original(self)
-BmpImagePlugin.BmpImageFile._open = spy
+def spy_on(cls, name):
+    original = cls._open
+    def spy(self):
+        opened.append(name)
+        return original(self)
+    cls._open = spy
+# Pillow imports these two itself (Image.preinit); every other plugin must not even load.
+spy_on(BmpImagePlugin.BmpImageFile, "BMP")
+spy_on(PpmImagePlugin.PpmImageFile, "PPM")
 from imageguard import ImageGuard, Settings
 payloads = {p.name: p.read_bytes() for p in Path(sys.argv[1]).iterdir()}
 def upstream(environ, start_response):
@@ -709,25 +713,40 @@ print(json.dumps({"statuses": statuses, "plugins": plugins, "opened": opened}))
 """
 
 
+#: Formats Pillow can write that imageguard never reads; each is served as ``x.png``.
+FOREIGN_FORMATS = (
+    "TIFF", "ICO", "BMP", "BLP", "DDS", "ICNS", "IM", "JPEG2000", "MSP", "PCX", "PPM", "QOI", "SGI",
+    "SPIDER", "TGA", "XBM", "PDF",
+)  # fmt: skip
+
+
 def test_other_pillow_plugins_never_run(tmp_path: Path) -> None:
-    # In a fresh interpreter: serve TIFF, EPS, PSD, ICO, BMP bytes declared as PNG;
-    # every one is refused, and no plugin of those formats is imported or run.
+    # In a fresh interpreter: serve bytes of every format Pillow writes but we do not
+    # read, plus hand-made EPS, PSD and FLI headers, all declared as PNG under a .png
+    # name; every one is refused, and no plugin of those formats is imported or run.
     import json
     import subprocess
     import sys
 
-    def save(fmt: str, **kwargs: Any) -> bytes:
-        out = io.BytesIO()
-        Image.new("RGB", (16, 16), (1, 2, 3)).save(out, fmt, **kwargs)
-        return out.getvalue()
+    def written(fmt: str) -> bytes:
+        for mode in ("RGB", "P", "L", "1"):  # the first mode the writer takes
+            out = io.BytesIO()
+            try:
+                Image.new(mode, (16, 16)).save(out, fmt)
+            except (OSError, ValueError, KeyError):
+                continue
+            return out.getvalue()
+        raise AssertionError(f"Pillow cannot write {fmt} here")
 
-    payloads = {
-        "tiff": save("TIFF"),
-        "ico": save("ICO"),
-        "bmp": save("BMP"),
-        "eps": EPS,
-        "psd": b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x10\x00\x00\x00\x10\x00\x08\x00\x03",
-    }
+    payloads = {fmt.lower(): written(fmt) for fmt in FOREIGN_FORMATS}
+    payloads["eps"] = EPS
+    payloads["psd"] = (
+        b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x10\x00\x00\x00\x10\x00\x08\x00\x03"
+    )
+    # FLI: a 128-byte header with the magic 0xAF11 at offset 4 (Pillow cannot write one).
+    payloads["fli"] = (
+        (128).to_bytes(4, "little") + b"\x11\xaf" + b"\x01\x00\x10\x00\x10\x00\x08\x00" + b"\x00" * 118
+    )
     folder = tmp_path / "payloads"
     folder.mkdir()
     for name, body in payloads.items():
@@ -741,11 +760,13 @@ def test_other_pillow_plugins_never_run(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    for name in payloads:
-        assert report["statuses"][name] == ["502 Bad Gateway", "format_not_allowed"], name
-    for plugin in ("Tiff", "Eps", "Psd", "Ico"):
-        assert f"PIL.{plugin}ImagePlugin" not in report["plugins"], report["plugins"]
-    assert report["opened"] == []  # BMP's plugin is imported by Pillow itself, but never ran
+    for name in payloads:  # recognised but not allowed, or not recognised at all
+        status, reason = report["statuses"][name]
+        assert status == "502 Bad Gateway" and reason in {"format_not_allowed", "not_image"}, (name, reason)
+    # Only the plugins of the formats we read (and Pillow's own preinit set) are loaded.
+    allowed = {f"PIL.{p}ImagePlugin" for p in ("Bmp", "Gif", "Jpeg", "Ppm", "Png", "WebP", "Avif")}
+    assert set(report["plugins"]) <= allowed, sorted(set(report["plugins"]) - allowed)
+    assert report["opened"] == []  # BMP's and PPM's plugins are imported by Pillow, but never ran
 
 
 def test_outer_middleware_side_data_never_reaches_the_fill(upstream: Upstream) -> None:
