@@ -856,6 +856,9 @@ class Core:
         upstream_query = "&".join(f"{k}={source[k]}" for k in sorted(source))
         generation = self.generation
         expiry = params.get("e")
+        if expiry is not None and not _EXPIRY_RE.fullmatch(expiry):
+            # Checked here too: verify() only looks at e on a signed URL.
+            raise BadRequest("bad_param_value", "e must be a canonical integer (unix time)")
         route = _Route(
             path=path,
             key=self.key_for(path, transform, upstream_query, host, generation),
@@ -1050,6 +1053,8 @@ class Core:
             parse_transform(signed, max_side=self.settings.max_side)
         except BadRequest as exc:
             raise ValueError(str(exc)) from exc
+        if "e" in signed and not _EXPIRY_RE.fullmatch(signed["e"]):
+            raise ValueError("e must be a canonical integer (unix time), e.g. 1800000000")
         canonical = canonical_form(path, signed)
         quoted_path = quote(path, safe="/!$&'()*+,:=@")
         query = "&".join(f"{k}={signed[k]}" for k in sorted(signed))

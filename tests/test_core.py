@@ -258,3 +258,14 @@ def test_verify_checks_the_canonical_form_whatever_the_query_order(
     if "q" not in shuffled:  # one parameter more than was signed
         with pytest.raises(InvalidSignature):
             core.verify(path, {**shuffled, "q": "50"}, source_params)
+
+
+@pytest.mark.parametrize("expiry", ["", "abc", "1e3", "%31", "01", "\uff13\uff12"])
+def test_a_malformed_expiry_is_400_signed_or_not(core: Core, expiry: str) -> None:
+    # Found by tests/test_fuzz.py: an unsigned ?e= that is not a canonical integer
+    # used to reach int() and escape as ValueError (a 500 from either adapter).
+    with pytest.raises(BadRequest) as raised:
+        core.decide(Request("GET", "/a.png", f"e={expiry}"))
+    assert raised.value.reason == "bad_param_value"
+    with pytest.raises(ValueError, match="e must be"):
+        core.url("/a.png", w=10, e=expiry)
