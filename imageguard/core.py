@@ -425,9 +425,10 @@ def _header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
 
 
 def _has_image_extension(path: str) -> bool:
-    # Trailing dots and spaces are dropped by some file systems and servers:
-    # "/a.png." must not escape the guard.
-    name = path.rstrip(". ")
+    # Trailing dots, spaces, slashes and "." segments are dropped by file systems
+    # and by the apps' own path joining (Starlette StaticFiles, werkzeug safe_join
+    # normalise "/a.png/." to "/a.png"): none of them may take an image past the guard.
+    name = path.rstrip(". /")
     dot = name.rfind(".")
     return dot > name.rfind("/") and name[dot + 1 :].lower() in IMAGE_EXTENSIONS
 
@@ -464,6 +465,9 @@ def normalise_path(path: str, raw_path: str | None = None) -> str:
     for index, segment in enumerate(segments):
         if segment == "":
             if index == len(segments) - 1:
+                if _has_image_extension(path):
+                    # "/a.png/" is "/a.png" to the app's file lookup: one image, one spelling.
+                    raise BadRequest("bad_path", "a trailing slash after an image name")
                 continue  # a trailing slash
             raise BadRequest("bad_path", "empty path segment")
         if segment.endswith("."):
@@ -1085,6 +1089,15 @@ class Core:
             return self._pass_on(status, headers, body)
         if len(body) > self.settings.max_bytes:
             raise _too_large(len(body), self.settings.max_bytes)
+        length = _header(headers, "content-length")
+        if length is not None and length.strip().isdigit() and int(length) != len(body):
+            # A body cut short can still parse (a GIF cut at a frame boundary):
+            # the upstream's own Content-Length says it is not the whole image.
+            raise InvalidImage(
+                "truncated_image",
+                "the upstream body does not match its Content-Length",
+                facts={"size": len(body), "declared": int(length)},
+            )
         encoding = _header(headers, "content-encoding")
         if encoding and encoding.strip().lower() != "identity":
             raise InvalidImage("unsupported_encoding", "the upstream body is content-encoded")

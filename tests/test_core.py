@@ -28,7 +28,6 @@ def core() -> Core:
         pytest.param("GET", "/page", "x=1", id="page-with-query"),
         pytest.param("GET", "/api/data.json", "", id="json"),
         pytest.param("GET", "/png", "", id="no-dot"),
-        pytest.param("GET", "/a.png/", "", id="extension-in-directory"),
         pytest.param("POST", "/a.png", "", id="post-image"),
         pytest.param("PUT", "/a.png", "w=3", id="put-transform"),
         pytest.param("GET", "/dir.png/page", "", id="dot-in-parent"),

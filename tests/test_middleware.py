@@ -376,6 +376,14 @@ def test_malformed_queries_are_400(
         pytest.param("/static/a\\b.png", id="backslash"),
         pytest.param("/static/%ff.png", id="not-utf8"),
         pytest.param("/static/%zz.png", id="malformed-escape"),
+        # Found by benchmarks/load.py: the app's own path joining (StaticFiles,
+        # safe_join) reads these as /static/a.png, so they must not pass unguarded.
+        pytest.param("/static/a.png/", id="trailing-slash"),
+        pytest.param("/static/a.png/.", id="trailing-dot-segment-after-slash"),
+        pytest.param("/static/a.png//", id="trailing-double-slash"),
+        pytest.param("/static/a.png/%2e", id="trailing-encoded-dot"),
+        pytest.param("/static/a.png%2f.", id="encoded-slash-then-dot"),
+        pytest.param("/static/x/../a.png/.", id="dotdot-and-trailing-dot"),
     ],
 )
 def test_path_tricks_are_400(make_client: MakeClient, upstream: Upstream, raw: str) -> None:
