@@ -166,10 +166,11 @@ class _Instruments:
         )
         self.sources = _Sources()
         registry.register(_CacheBytesCollector(self.sources))
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome=outcome)
+        # The children of the known label values, bound once: labels() costs a lock
+        # and a dictionary build per call, and a hit counts two of them.
+        self.request_by_outcome = {outcome: self.requests.labels(outcome=outcome) for outcome in OUTCOMES}
+        self.hit_by_tier = {tier: self.hits.labels(tier=tier) for tier in TIERS}
         for tier in TIERS:
-            self.hits.labels(tier=tier)
             self.integrity_failures.labels(tier=tier)
 
     @classmethod
@@ -205,13 +206,17 @@ class Metrics:
 
     def request(self, outcome: str) -> None:
         """Count one guarded request (``imageguard_requests_total{outcome}``)."""
-        if self._instruments is not None:
-            self._instruments.requests.labels(outcome=_label(outcome)).inc()
+        instruments = self._instruments
+        if instruments is not None:
+            child = instruments.request_by_outcome.get(outcome)
+            (child or instruments.requests.labels(outcome=_label(outcome))).inc()
 
     def hit(self, tier: str) -> None:
         """Count one cache hit (``imageguard_cache_hits_total{tier}``)."""
-        if self._instruments is not None:
-            self._instruments.hits.labels(tier=_label(tier)).inc()
+        instruments = self._instruments
+        if instruments is not None:
+            child = instruments.hit_by_tier.get(tier)
+            (child or instruments.hits.labels(tier=_label(tier))).inc()
 
     def rejection(self, reason: str) -> None:
         """Count one rejection (``imageguard_rejections_total{reason}``)."""
