@@ -536,3 +536,18 @@ def test_a_hung_redis_costs_one_timeout_then_the_breaker_answers() -> None:
     finally:
         cache.close()
         server.close()
+
+
+def test_a_stale_success_does_not_close_an_open_breaker() -> None:
+    # Found by tests/test_faults.py: a call that began before an outage and
+    # succeeded just after another call failed closed the breaker on a dead Redis.
+    now = [0.0]
+    breaker = CircuitBreaker("x", 5.0, clock=lambda: now[0])
+    assert breaker.allow()
+    breaker.failure(ConnectionError("down"))
+    breaker.success()  # the stale answer of a call that started earlier
+    assert breaker.is_open and not breaker.allow()
+    now[0] = 6.0
+    assert breaker.allow()  # the probe
+    breaker.success()
+    assert not breaker.is_open

@@ -114,6 +114,7 @@ class CircuitBreaker:
         self._clock = clock
         self._lock = threading.Lock()
         self._open = False
+        self._probing = False  # a probe was let through and has not reported yet
         self._since = 0.0  # the last failure, or the start of the running probe
         #: Failures recorded (each one is a call that reached for the dependency and failed).
         self.failures = 0
@@ -134,12 +135,19 @@ class CircuitBreaker:
             if self._clock() - self._since < self.interval:
                 return False
             self._since = self._clock()  # the next probe, one interval from now
+            self._probing = True
             return True
 
     def success(self) -> None:
-        """The dependency answered: close."""
+        """The dependency answered: close (unless it opened meanwhile and no probe was let through).
+
+        A call that started before an outage and answers just after another
+        call failed is stale news: only the probe's answer may close the breaker.
+        """
         with self._lock:
-            was_open, self._open = self._open, False
+            if self._open and not self._probing:
+                return
+            was_open, self._open, self._probing = self._open, False, False
         if was_open:
             logger.info("%s is back", self.name)
 
@@ -148,7 +156,7 @@ class CircuitBreaker:
         with self._lock:
             self.failures += 1
             tripped = not self._open
-            self._open, self._since = True, self._clock()
+            self._open, self._since, self._probing = True, self._clock(), False
             if tripped:
                 self.trips += 1
         if tripped:
