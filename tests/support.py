@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,3 +235,42 @@ def read_only(folder: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run([chattr, "-R", "-i", os.fspath(folder)], check=True)
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll *check* until it is true; fail after *timeout* seconds (a bound, not a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not come true in time")
+        time.sleep(0.02)
+
+
+#: The reason codes sanitize_raster may raise (tests check refusals against them).
+RASTER_REASONS = frozenset(
+    {
+        "not_image",
+        "format_not_allowed",
+        "side_too_large",
+        "too_many_pixels",
+        "too_many_frames",
+        "truncated_image",
+        "corrupt_image",
+    }
+)
+#: The reason codes for which sanitize_svg refuses a whole SVG.
+SVG_REFUSALS = frozenset(
+    {
+        "too_large",
+        "svg_malformed",
+        "svg_entities_forbidden",
+        "svg_dtd_forbidden",
+        "svg_not_svg",
+        "svg_too_many_nodes",
+        "svg_too_deep",
+        "svg_use_limit",
+        "svg_css_limit",
+    }
+)
+#: Pillow's format name for each output format.
+PIL_NAMES = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}

@@ -23,7 +23,7 @@ from imageguard.ratelimit import MissLimiter
 from tests.drivers import MakeClient, assert_clean_image, assert_rejected
 from tests.redis_server import redis_server
 from tests.servers import free_port, gunicorn, running, uvicorn
-from tests.support import SECRET, Upstream, jpeg, png
+from tests.support import SECRET, Upstream, eventually, jpeg, png
 
 
 def _events(caplog: pytest.LogCaptureFixture, reason: str) -> list[dict[str, object]]:
@@ -65,7 +65,7 @@ def test_a_waiting_client_is_not_charged(make_client: MakeClient, upstream: Upst
     upstream.delay = threading.Event()
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.get, slow, client="198.51.100.2")  # leads, then waits in the app
-        _wait_for(lambda: upstream.calls_to(slow) == 1)
+        eventually(lambda: upstream.calls_to(slow) == 1)
         waiting = pool.submit(client.get, slow, client="198.51.100.1")  # joins that fill
         time.sleep(0.2)
         upstream.delay.set()
@@ -107,14 +107,6 @@ def test_a_limited_leader_does_not_limit_the_clients_waiting_on_its_fill(
         assert_rejected(limited.result(timeout=30), 429, "rate_limited")
         assert_clean_image(other.result(timeout=30), "png")  # retried as its own fill, charged to .2
     assert upstream.calls_to(image) == 1
-
-
-def _wait_for(check: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.01)
 
 
 # -- client identity -----------------------------------------------------------------
@@ -184,7 +176,7 @@ def test_queue_full_is_503_while_a_cached_image_is_served(
     upstream.delay = threading.Event()  # every fill waits in the app until all six are in
     with ThreadPoolExecutor(len(big)) as pool:
         fills = [pool.submit(client.get, path) for path in big]
-        _wait_for(lambda: len(upstream.calls) == 1 + len(big))
+        eventually(lambda: len(upstream.calls) == 1 + len(big))
         assert_clean_image(client.get(hot), "png")  # a hit while six fills are pending
         upstream.delay.set()  # all six reach the single worker at once
         results = [f.result(timeout=60) for f in fills]

@@ -69,6 +69,7 @@ from imageguard.raster import (
 )
 from imageguard.signing import canonical_form
 from imageguard.svg import SanitizedSvg, SvgLimits, sanitize_svg
+from tests.support import PIL_NAMES, RASTER_REASONS, SVG_REFUSALS
 from tests.svg_rule import is_html_safe, is_svg_safe
 
 #: ../shared/corpus relative to the repository root (absent in a user's fresh clone).
@@ -632,18 +633,6 @@ def mutate(
 # Target 1: raster
 # ==========================================================================
 
-RASTER_REASONS = frozenset(
-    {
-        "not_image",
-        "format_not_allowed",
-        "side_too_large",
-        "too_many_pixels",
-        "too_many_frames",
-        "truncated_image",
-        "corrupt_image",
-    }
-)
-PIL_NAMES = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
 #: Metadata and auxiliary PNG chunks that must never be written (text, EXIF, ICC, time, ...).
 PNG_METADATA_CHUNKS = frozenset(
     {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"iCCP", b"tIME", b"sPLT", b"hIST", b"pHYs", b"cICP", b"vpAg"}
@@ -803,19 +792,6 @@ def test_raster_seeds_under_random_limits_and_transforms(
 # Target 2: SVG
 # ==========================================================================
 
-SVG_REFUSALS = frozenset(
-    {
-        "too_large",
-        "svg_malformed",
-        "svg_entities_forbidden",
-        "svg_dtd_forbidden",
-        "svg_not_svg",
-        "svg_too_many_nodes",
-        "svg_too_deep",
-        "svg_use_limit",
-        "svg_css_limit",
-    }
-)
 #: Embedded data: images go through sanitize_raster with these.
 SVG_RASTER_LIMITS = RasterLimits(max_pixels=65536, max_side=512, max_frames=4)
 

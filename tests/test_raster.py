@@ -34,20 +34,11 @@ from imageguard.raster import (
     sanitize_raster,
     sniff,
 )
+from tests.support import PIL_NAMES, RASTER_REASONS
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 LIMITS = RasterLimits()
-REASONS = {
-    "not_image",
-    "format_not_allowed",
-    "side_too_large",
-    "too_many_pixels",
-    "too_many_frames",
-    "truncated_image",
-    "corrupt_image",
-}
-PIL_NAMES = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP", "avif": "AVIF"}
 #: Strings the metadata payloads of the corpus and of our own polyglots carry.
 PAYLOADS = (b"<script", b"<?php", b"<?=", b"onload=", b"onclick=", b"onmouseover=", b"<svg")
 
@@ -274,7 +265,7 @@ def outcome(
 def refused(data: bytes, limits: RasterLimits = LIMITS, transform: Transform | None = None) -> InvalidImage:
     with pytest.raises(InvalidImage) as caught:
         sanitize_raster(data, limits, transform or Transform())
-    assert caught.value.reason in REASONS
+    assert caught.value.reason in RASTER_REASONS
     assert caught.value.status == 502
     return caught.value
 
@@ -735,7 +726,7 @@ def test_mutated_inputs_raise_only_invalid_image(name: str) -> None:
     for variant in variants:
         result = outcome(variant)
         if isinstance(result, InvalidImage):
-            assert result.reason in REASONS
+            assert result.reason in RASTER_REASONS
         else:
             assert_pixels_only(result)
 
@@ -1153,7 +1144,7 @@ def test_corpus_file(corpus_dir: Path, relative: str) -> None:
     result = outcome(data)
     if isinstance(result, InvalidImage):
         assert rule in (REFUSE, SNIFF_REFUSE, EITHER), f"refused ({result.reason}: {result.original_error!r})"
-        assert result.reason in REASONS
+        assert result.reason in RASTER_REASONS
         if rule == SNIFF_REFUSE:
             assert result.reason in ("not_image", "format_not_allowed")
             assert result.original_error is None  # no decoder ran

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import http.client
 import io
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from imageguard.cache.envelope import Sealer
 from imageguard.cache.redis import RedisCache
 from tests.redis_server import redis_server
 from tests.servers import free_port, gunicorn, running, uvicorn
-from tests.support import SECRET, png
+from tests.support import SECRET, eventually, png
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
 
@@ -86,14 +85,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield Fleet(Instance("a", a_port), Instance("b", b_port), images, disk, server.url)
 
 
-def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not come true in time")
-        time.sleep(0.05)
-
-
 def test_a_fill_on_one_instance_is_a_hit_on_the_other(fleet: Fleet) -> None:
     fleet.write("shared.png", (255, 0, 0))
     before_a, before_b = fleet.a.calls(), fleet.b.calls()
@@ -112,7 +103,7 @@ def test_purge_by_path_on_one_instance_reaches_the_other(fleet: Fleet) -> None:
     fleet.write("purged.png", (0, 0, 255))
     assert fleet.b.colour("/img/purged.png") == (255, 0, 0)  # cached: the change is not seen yet
     assert fleet.a.get("/_purge?path=/img/purged.png")[0] == 200
-    eventually(lambda: fleet.b.colour("/img/purged.png") == (0, 0, 255))
+    eventually(lambda: fleet.b.colour("/img/purged.png") == (0, 0, 255), timeout=15)
     assert fleet.a.colour("/img/purged.png") == (0, 0, 255)
 
 
@@ -122,7 +113,7 @@ def test_purge_all_on_one_instance_reaches_the_other(fleet: Fleet) -> None:
     assert fleet.a.colour("/img/everything.png") == (255, 0, 0)
     fleet.write("everything.png", (0, 255, 0))
     assert fleet.b.get("/_purge?all=1")[0] == 200
-    eventually(lambda: fleet.a.colour("/img/everything.png") == (0, 255, 0))
+    eventually(lambda: fleet.a.colour("/img/everything.png") == (0, 255, 0), timeout=15)
     assert fleet.b.colour("/img/everything.png") == (0, 255, 0)
 
 

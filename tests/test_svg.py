@@ -29,21 +29,11 @@ from imageguard import svg_policy
 from imageguard.errors import InvalidImage
 from imageguard.raster import RasterLimits, sniff
 from imageguard.svg import SVG_NS, XLINK_NS, SanitizedSvg, SvgLimits, sanitize_svg
+from tests.support import SVG_REFUSALS
 from tests.svg_rule import BENIGN_CONTROLS, is_html_safe, is_svg_safe
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 XHTML_NS = "http://www.w3.org/1999/xhtml"
-REFUSALS = {
-    "too_large",
-    "svg_malformed",
-    "svg_entities_forbidden",
-    "svg_dtd_forbidden",
-    "svg_not_svg",
-    "svg_too_many_nodes",
-    "svg_too_deep",
-    "svg_use_limit",
-    "svg_css_limit",
-}
 REMOVALS = {
     "svg_script_removed",
     "svg_event_handler_removed",
@@ -90,7 +80,7 @@ def judged(data: bytes, limits: SvgLimits = DEFAULT_LIMITS) -> SanitizedSvg:
 def refusal(data: bytes, limits: SvgLimits = DEFAULT_LIMITS) -> str:
     with pytest.raises(InvalidImage) as info:
         sanitize_svg(data, limits)
-    assert info.value.reason in REFUSALS
+    assert info.value.reason in SVG_REFUSALS
     assert info.value.status == 502
     return info.value.reason
 
@@ -103,7 +93,7 @@ def refused_or_safe(data: bytes, limits: SvgLimits = DEFAULT_LIMITS) -> Sanitize
     except InvalidImage as exc:
         reason = exc.reason
     if reason is not None:
-        assert reason in REFUSALS, reason
+        assert reason in SVG_REFUSALS, reason
         return None
     return judged(data, limits)
 

@@ -19,7 +19,7 @@ import redis
 from imageguard.cache.envelope import Record, Sealer, source_hash
 from tests.drivers import MakeClient, Result, assert_clean_image
 from tests.redis_server import redis_server
-from tests.support import SECRET, Upstream, png, read_only, reopen
+from tests.support import SECRET, Upstream, eventually, png, read_only, reopen
 
 HTML = b"<html><script>alert(document.domain)</script></html>"
 
@@ -256,26 +256,16 @@ def test_purge_reaches_redis_and_other_instances(
     upstream.add("a.png", png(30, 20, colour=(0, 0, 255)), "image/png")
     a.guard.purge(path=path)
     assert _redis_entries(redis_url) == {}
-    _eventually(lambda: _pixel(b.get(path)) == (0, 0, 255))  # b's L1 dropped it on the pub/sub message
+    eventually(lambda: _pixel(b.get(path)) == (0, 0, 255))  # b's L1 dropped it on the pub/sub message
     upstream.add("a.png", png(30, 20, colour=(0, 255, 0)), "image/png")
     a.guard.purge_all()
-    _eventually(lambda: _pixel(b.get(path)) == (0, 255, 0))
+    eventually(lambda: _pixel(b.get(path)) == (0, 255, 0))
     assert b.guard.stats()["generation"] == a.guard.stats()["generation"] >= 1
 
 
 def _pixel(result: Result) -> tuple[int, int, int]:
     assert result.status == 200, result.reason
     return reopen(result.body).convert("RGB").getpixel((1, 1))  # type: ignore[return-value]
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not come true in time")
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(90)
@@ -297,7 +287,7 @@ def test_redis_outage_is_survived_and_recovered(make_client: MakeClient, upstrea
             client.get(paths[1])
             return len(_redis_entries(server.url)) >= 1
 
-        _eventually(stored_again, timeout=30)
+        eventually(stored_again, timeout=30)
         assert_clean_image(other.get(paths[1]), "png")
 
 
